@@ -1,0 +1,72 @@
+"""Command line: `finetune [summary] key=value ...` (Hydra overrides); config errors exit 2 with one line."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from finetune.config import CONF_DIR, UsageError, compose, validate
+
+USAGE_EXIT = 2
+INTERRUPT_EXIT = 130
+
+
+def fail(error: UsageError) -> None:
+    """Print the one-line reason and exit with status 2."""
+    print(f"finetune: error: {error}", file=sys.stderr)
+    sys.exit(USAGE_EXIT)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Dispatch `summary`, check the config before Hydra writes anything, then run the Hydra app."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["summary"]:
+        from finetune.summary import main as summary_main
+
+        summary_main(argv[1:])
+        return
+    if not any(arg.startswith("-") for arg in argv):  # Hydra's own flags (--cfg, -m, --help) go straight through
+        try:
+            validate(compose(argv))
+        except UsageError as error:
+            fail(error)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops like Ctrl-C: state saved, MLflow run marked
+    sys.argv = [sys.argv[0], *argv]
+    _hydra_app()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def _hydra_app(cfg: DictConfig) -> None:
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    fresh = not (run_dir / "state.json").exists()
+    try:
+        validate(cfg)
+        from finetune.run import run_job  # TensorFlow loads only once the config is known to be good
+
+        tags = {"sweep_dir": hydra_cfg.sweep.dir} if hydra_cfg.mode == RunMode.MULTIRUN else {}
+        run_job(cfg, run_dir, tags)
+    except UsageError as error:
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            raise  # Hydra runs the sweep's other jobs, then reports this one
+        if fresh:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        fail(error)
+    except KeyboardInterrupt:
+        overrides = " ".join(hydra_cfg.overrides.task)
+        print(
+            f"\nInterrupted. Resume with:\n  python -m finetune {overrides} hydra.run.dir={run_dir}",
+            file=sys.stderr,
+        )
+        sys.exit(INTERRUPT_EXIT)

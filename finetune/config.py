@@ -1,0 +1,131 @@
+"""Config composition and validation: every mistake becomes one line saying what is wrong and what is allowed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from finetune.backbones import BACKBONES, MIN_INPUT_SIZE, imagenet_alphas
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+
+
+class UsageError(Exception):
+    """A problem the user can fix (config, paths, data, missing weights); shown as one line, exit 2."""
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """Compose conf/config.yaml with command-line overrides, as Hydra would, without writing anything."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException, MissingConfigException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return hydra_compose("config", overrides=overrides)
+    except MissingConfigException as error:
+        first_line = str(error).strip().splitlines()[0]
+        options = ", ".join(sorted(error.options or []))
+        raise UsageError(f"{first_line}; choose one of: {options}") from None
+    except (HydraException, OmegaConfBaseException) as error:
+        raise UsageError(" ".join(str(error).split())) from None
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise UsageError on the first invalid value; touches no files other than checking paths exist."""
+    validate_model(cfg)
+    _validate_data(cfg.data)
+    _validate_train(cfg.train)
+    weights_dir = cfg.get("weights_dir")
+    if weights_dir and not Path(weights_dir).is_dir():
+        raise UsageError(f"weights_dir={weights_dir} is not a folder; give a folder of Keras weight files")
+
+
+def validate_model(cfg: DictConfig) -> None:
+    """Check the backbone and head settings (all that building the model needs)."""
+    _validate_backbone(cfg.backbone)
+    _validate_head(cfg.head)
+
+
+def _validate_backbone(bb: DictConfig) -> None:
+    spec = BACKBONES.get(bb.name)
+    if spec is None:
+        raise UsageError(f"backbone.name={bb.name} is unknown; choose one of: {', '.join(BACKBONES)}")
+    size = bb.input_size
+    if not isinstance(size, int) or size < MIN_INPUT_SIZE:
+        raise UsageError(f"backbone.input_size={size} is too small; it must be a whole number >= {MIN_INPUT_SIZE}")
+    if "alpha" in bb and not (isinstance(bb.alpha, (int, float)) and bb.alpha > 0):
+        raise UsageError(f"backbone.alpha={bb.alpha} must be a number > 0")
+    if bb.weights == "imagenet":
+        _validate_imagenet(spec, bb)
+    elif bb.weights is not None and not Path(str(bb.weights)).is_file():
+        raise UsageError(f"backbone.weights={bb.weights} is not a file; use imagenet, null, or a path to a Keras weights file")
+    blocks = bb.unfreeze_blocks
+    if not isinstance(blocks, int) or not 0 <= blocks <= spec.num_blocks:
+        raise UsageError(
+            f"backbone.unfreeze_blocks={blocks} is out of range; {spec.name} has {spec.num_blocks} blocks (0..{spec.num_blocks})"
+        )
+
+
+def _validate_imagenet(spec: Any, bb: DictConfig) -> None:
+    alphas = imagenet_alphas(spec, bb)
+    if alphas is not None and float(bb.alpha) not in alphas:
+        allowed = ", ".join(str(a) for a in alphas)
+        raise UsageError(
+            f"backbone.alpha={bb.alpha} has no ImageNet weights for {spec.name}; allowed: {allowed} (or backbone.weights=null)"
+        )
+    if spec.imagenet_sizes is not None and bb.input_size not in spec.imagenet_sizes:
+        allowed = ", ".join(str(s) for s in spec.imagenet_sizes)
+        raise UsageError(
+            f"backbone.input_size={bb.input_size} has no ImageNet weights for {spec.name}; allowed: {allowed} (or backbone.weights=null)"
+        )
+    if bb.get("depth_multiplier", 1) != 1:
+        raise UsageError(f"backbone.depth_multiplier={bb.depth_multiplier} has no ImageNet weights; allowed: 1 (or backbone.weights=null)")
+
+
+def _validate_data(data: DictConfig) -> None:
+    if OmegaConf.is_missing(data, "path"):
+        raise UsageError(f"data={data.name} needs data.path=/path/to/class/folders")
+    if data.path is not None and not Path(os.path.expanduser(data.path)).is_dir():
+        raise UsageError(f"data.path={data.path} is not a folder; give a folder with one subfolder per class")
+    val, test = data.val_fraction, data.test_fraction
+    if not (0 < val < 1 and 0 < test < 1 and val + test < 1):
+        raise UsageError(
+            f"data.val_fraction={val} and data.test_fraction={test} must each be in (0, 1) and sum to less than 1"
+        )
+    if not isinstance(data.batch_size, int) or data.batch_size < 1:
+        raise UsageError(f"data.batch_size={data.batch_size} must be a whole number >= 1")
+
+
+def _validate_head(head: DictConfig) -> None:
+    if head.pooling not in ("avg", "max"):
+        raise UsageError(f"head.pooling={head.pooling} is unknown; choose avg or max")
+    if not 0 <= head.dropout < 1:
+        raise UsageError(f"head.dropout={head.dropout} must be in [0, 1)")
+    if any(not isinstance(u, int) or u < 1 for u in head.hidden_units):
+        raise UsageError(f"head.hidden_units={list(head.hidden_units)} must be a list of whole numbers >= 1")
+    if head.class_weight not in (None, "auto"):
+        raise UsageError(f"head.class_weight={head.class_weight} is unknown; choose null or auto")
+
+
+def _validate_train(train: DictConfig) -> None:
+    for phase, minimum in (("phase1", 1), ("phase2", 0)):
+        epochs = train[phase].epochs
+        if not isinstance(epochs, int) or epochs < minimum:
+            raise UsageError(f"train.{phase}.epochs={epochs} must be a whole number >= {minimum}")
+        if not train[phase].learning_rate > 0:
+            raise UsageError(f"train.{phase}.learning_rate={train[phase].learning_rate} must be > 0")
+    if train.phase1.optimizer not in OPTIMIZERS:
+        raise UsageError(f"train.phase1.optimizer={train.phase1.optimizer} is unknown; choose one of: {', '.join(OPTIMIZERS)}")
+    if not 0 <= train.phase2.momentum < 1:
+        raise UsageError(f"train.phase2.momentum={train.phase2.momentum} must be in [0, 1)")
+    patience = train.early_stopping_patience
+    if not isinstance(patience, int) or patience < 1:
+        raise UsageError(f"train.early_stopping_patience={patience} must be a whole number >= 1")
+    if not 0 <= train.label_smoothing < 1:
+        raise UsageError(f"train.label_smoothing={train.label_smoothing} must be in [0, 1)")

@@ -1,0 +1,145 @@
+"""Datasets: scan a class-per-folder tree (skipping bad files), split it, and feed it through tf.data."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+from sklearn.model_selection import train_test_split
+
+from finetune.config import UsageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class ImageFolder:
+    """Usable images of a class-per-folder tree, and the files that were skipped with the reason."""
+
+    root: Path
+    class_names: list[str]
+    paths: list[str]
+    labels: list[int]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class Split:
+    """One split's files and integer labels."""
+
+    paths: list[str]
+    labels: list[int]
+
+
+def scan_folder(root: str | Path) -> ImageFolder:
+    """Find every image under root/<class>/, decode each once, and skip (and list) the ones that fail."""
+    root = Path(root).expanduser()
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(class_dirs) < 2:
+        raise UsageError(f"{root} has {len(class_dirs)} class folder(s); at least 2 are needed (one subfolder per class)")
+    folder = ImageFolder(root=root, class_names=[d.name for d in class_dirs], paths=[], labels=[])
+    for label, class_dir in enumerate(class_dirs):
+        usable = 0
+        for path in sorted(p for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            reason = _unusable_reason(path)
+            if reason:
+                folder.skipped.append((str(path), reason))
+                continue
+            folder.paths.append(str(path))
+            folder.labels.append(label)
+            usable += 1
+        if usable == 0:
+            raise UsageError(f"class folder {class_dir} has no usable image ({', '.join(IMAGE_EXTENSIONS)})")
+    return folder
+
+
+def _unusable_reason(path: Path) -> str | None:
+    """Why this file cannot be trained on, or None when it decodes as an image."""
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        return f"not an image file type ({path.suffix or 'no extension'})"
+    try:
+        image = tf.io.decode_image(tf.io.read_file(str(path)), channels=3, expand_animations=False)
+    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, tf.errors.UnknownError) as error:
+        message = error.message.split("}}")[-1]  # drop TensorFlow's op-name prefix
+        return "cannot be decoded: " + " ".join(message.split())[:120]
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        return "empty image"
+    return None
+
+
+def split_folder(folder: ImageFolder, val_fraction: float, test_fraction: float, seed: int) -> dict[str, Split]:
+    """Deterministic stratified train/val/test split."""
+    paths, labels = np.array(folder.paths), np.array(folder.labels)
+    try:
+        rest_paths, test_paths, rest_labels, test_labels = train_test_split(
+            paths, labels, test_size=test_fraction, stratify=labels, random_state=seed
+        )
+        train_paths, val_paths, train_labels, val_labels = train_test_split(
+            rest_paths,
+            rest_labels,
+            test_size=val_fraction / (1 - test_fraction),
+            stratify=rest_labels,
+            random_state=seed,
+        )
+    except ValueError as error:
+        counts = ", ".join(f"{n}={c}" for n, c in zip(folder.class_names, np.bincount(labels)))
+        raise UsageError(f"too few images to split per class ({counts}): {' '.join(str(error).split())}") from None
+    return {
+        "train": Split(train_paths.tolist(), train_labels.tolist()),
+        "val": Split(val_paths.tolist(), val_labels.tolist()),
+        "test": Split(test_paths.tolist(), test_labels.tolist()),
+    }
+
+
+def split_fingerprint(splits: dict[str, Split], root: Path) -> str:
+    """A short hash of which file is in which split, to tell two runs' data apart."""
+    digest = hashlib.sha256()
+    for name in SPLITS:
+        for path in sorted(splits[name].paths):
+            digest.update(f"{name}:{Path(path).relative_to(root)}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def load_image(path: tf.Tensor, size: int) -> tf.Tensor:
+    """Decode any supported image as RGB (grayscale and RGBA become RGB) and resize to size x size, uint8."""
+    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    image = tf.image.resize(image, (size, size))
+    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def make_augmenter(augment_cfg: Any, seed: int) -> keras.Sequential | None:
+    """Random flip/rotation/zoom layers, applied in tf.data so they never end up in an exported model."""
+    layers = []
+    if augment_cfg.flip:
+        layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
+    if augment_cfg.rotation:
+        layers.append(keras.layers.RandomRotation(augment_cfg.rotation, fill_mode="reflect", seed=seed))
+    if augment_cfg.zoom:
+        layers.append(keras.layers.RandomZoom((-augment_cfg.zoom, augment_cfg.zoom), fill_mode="reflect", seed=seed))
+    return keras.Sequential(layers, name="augment") if layers else None
+
+
+def make_dataset(
+    split: Split,
+    num_classes: int,
+    size: int,
+    batch_size: int,
+    augmenter: keras.Sequential | None = None,
+    seed: int = 0,
+) -> tf.data.Dataset:
+    """(float32 0..255 images, one-hot labels) batches; shuffled and augmented when given an augmenter."""
+    ds = tf.data.Dataset.from_tensor_slices((split.paths, split.labels))
+    ds = ds.map(lambda p, y: (load_image(p, size), tf.one_hot(y, num_classes)), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.cache()  # decoded, resized uint8 images stay in memory after the first epoch
+    if augmenter is not None:
+        ds = ds.shuffle(len(split.paths), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
+    if augmenter is not None:
+        ds = ds.map(lambda x, y: (augmenter(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)

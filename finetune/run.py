@@ -1,0 +1,156 @@
+"""One training job: data, model, two phases, evaluation, cost, MLflow record, terminal summary."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import keras
+import mlflow
+from omegaconf import DictConfig, OmegaConf
+
+from finetune import cost, tracking
+from finetune.dataset import (
+    SPLITS,
+    ImageFolder,
+    Split,
+    make_augmenter,
+    make_dataset,
+    scan_folder,
+    split_fingerprint,
+    split_folder,
+)
+from finetune.evaluate import Evaluation, evaluate, save_confusion_matrix, save_training_curves
+from finetune.model import build_classifier
+from finetune.sources import data_root
+from finetune.trainer import RunState, balanced_class_weight, train_two_phases
+
+
+def run_job(cfg: DictConfig, run_dir: Path, tags: dict[str, str] | None = None) -> dict[str, Any]:
+    """Train, evaluate and record one configuration in run_dir (resuming what is already there)."""
+    state = RunState(run_dir / "state.json")
+    if state.get("finished"):
+        print(f"This run already finished; its results are in {run_dir} (metrics.json).")
+        return json.loads((run_dir / "metrics.json").read_text())
+    keras.utils.set_random_seed(cfg.seed)
+
+    folder = scan_folder(data_root(cfg.data))
+    _write_skipped(folder, run_dir / "skipped_images.txt")
+    splits = split_folder(folder, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
+    _write_splits(splits, folder, run_dir / "data_splits.csv")
+    num_classes = len(folder.class_names)
+    model = build_classifier(cfg, num_classes)
+
+    size, batch = cfg.backbone.input_size, cfg.data.batch_size
+    augmenter = make_augmenter(cfg.data.augment, cfg.seed)
+    train_ds = make_dataset(splits["train"], num_classes, size, batch, augmenter, seed=cfg.seed)
+    val_ds, test_ds = (make_dataset(splits[name], num_classes, size, batch) for name in ("val", "test"))
+    class_weight = balanced_class_weight(splits["train"].labels, num_classes) if cfg.head.class_weight == "auto" else None
+
+    with tracking.tracked_run(cfg.mlflow, state.get("mlflow_run_id"), tags or {}) as run:
+        if not state.get("mlflow_run_id"):
+            state.update(mlflow_run_id=run.info.run_id)
+            mlflow.log_params(tracking.flatten(cfg))
+            mlflow.log_params(_data_params(folder, splits))
+        phases = train_two_phases(model, cfg, train_ds, val_ds, run_dir, state, class_weight)
+        evaluation = evaluate(model, test_ds, folder.class_names, cfg.evaluate.top_k)
+        latency = cost.measure_latency(model, cfg.latency.warmup, cfg.latency.runs)
+        model_path = run_dir / "model.keras"
+        model.save(model_path)
+        metrics = {
+            **{f"{name}_best_val_accuracy": result.best_val_accuracy for name, result in phases.items()},
+            **{f"{name}_seconds": result.seconds for name, result in phases.items()},
+            "test_accuracy": evaluation.accuracy,
+            f"test_top{evaluation.top_k}_accuracy": evaluation.top_k_accuracy,
+            "test_macro_f1": evaluation.report["macro avg"]["f1-score"],
+            "params": model.count_params(),
+            "macs": cost.count_macs(model),
+            "latency_median_ms": latency.median_ms,
+            "latency_p90_ms": latency.p90_ms,
+            "model_size_mb": model_path.stat().st_size / 1e6,
+            "skipped_images": len(folder.skipped),
+        }
+        _write_outputs(cfg, run_dir, state, evaluation, folder, metrics, latency.as_dict())
+        mlflow.log_metrics(metrics)
+        mlflow.log_params({f"latency.{k}": v for k, v in latency.as_dict().items() if k not in ("median_ms", "p90_ms")})
+        for name in _ARTIFACTS:
+            mlflow.log_artifact(str(run_dir / name))
+        mlflow.log_artifact(str(model_path), artifact_path="model")
+        state.update(finished=True)
+    _print_summary(metrics, latency, run_dir, run.info.run_id, cfg.mlflow.tracking_uri)
+    return metrics
+
+
+_ARTIFACTS = (
+    "config.yaml",
+    "metrics.json",
+    "classification_report.txt",
+    "confusion_matrix.png",
+    "training_curves.png",
+    "data_splits.csv",
+    "skipped_images.txt",
+)
+
+
+def _write_outputs(
+    cfg: DictConfig,
+    run_dir: Path,
+    state: RunState,
+    evaluation: Evaluation,
+    folder: ImageFolder,
+    metrics: dict[str, float],
+    latency: dict[str, Any],
+) -> None:
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (run_dir / "classification_report.txt").write_text(evaluation.report_text)
+    save_confusion_matrix(evaluation, folder.class_names, run_dir / "confusion_matrix.png")
+    save_training_curves(state.history(), run_dir / "training_curves.png")
+    record = {**metrics, "latency_protocol": latency, "classes": folder.class_names, "report": evaluation.report}
+    (run_dir / "metrics.json").write_text(json.dumps(record, indent=1))
+
+
+def _write_skipped(folder: ImageFolder, path: Path) -> None:
+    lines = [f"{file}\t{reason}" for file, reason in folder.skipped]
+    path.write_text("".join(line + "\n" for line in lines))
+    if folder.skipped:
+        print(f"Skipped {len(folder.skipped)} unusable file(s), listed in {path}:")
+        for line in lines[:5]:
+            print("  " + line)
+
+
+def _write_splits(splits: dict[str, Split], folder: ImageFolder, path: Path) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["split", "path", "class"])
+        for name in SPLITS:
+            for file, label in zip(splits[name].paths, splits[name].labels):
+                writer.writerow([name, Path(file).relative_to(folder.root), folder.class_names[label]])
+
+
+def _data_params(folder: ImageFolder, splits: dict[str, Split]) -> dict[str, Any]:
+    return {
+        "data.root": str(folder.root),
+        "data.classes": ",".join(folder.class_names),
+        "data.fingerprint": split_fingerprint(splits, folder.root),
+        **{f"data.{name}_images": len(splits[name].paths) for name in SPLITS},
+    }
+
+
+def _print_summary(
+    metrics: dict[str, float], latency: cost.Latency, run_dir: Path, run_id: str, tracking_uri: str
+) -> None:
+    top_k_key = next(key for key in metrics if key.startswith("test_top"))
+    print(
+        "\n"
+        f"Test accuracy {metrics['test_accuracy']:.3f} ({top_k_key.removeprefix('test_').replace('_', ' ')} "
+        f"{metrics[top_k_key]:.3f}, macro F1 {metrics['test_macro_f1']:.3f})\n"
+        f"Latency {latency.median_ms:.1f} ms median, {latency.p90_ms:.1f} ms p90 "
+        f"(batch 1, {latency.threads} threads, {latency.runs} runs after {latency.warmup} warm-up)\n"
+        f"Size {metrics['params'] / 1e6:.2f} M params, {metrics['macs'] / 1e6:.1f} M MACs, "
+        f"model.keras {metrics['model_size_mb']:.1f} MB\n"
+        f"Outputs in {run_dir}\n"
+        f"MLflow run {run_id} at {tracking_uri}",
+        flush=True,
+    )

@@ -1,0 +1,68 @@
+"""MLflow: one run per invocation that spans both phases, resumable, never left RUNNING on failure."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import keras
+import mlflow
+from omegaconf import DictConfig, OmegaConf
+
+
+def flatten(cfg: DictConfig) -> dict[str, Any]:
+    """Resolved config as flat `a.b.c` params (lists as strings)."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = node
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return flat
+
+
+def setup(mlflow_cfg: DictConfig) -> str:
+    """Point MLflow at the configured store and experiment; return the experiment id."""
+    mlflow.set_tracking_uri(mlflow_cfg.tracking_uri)
+    experiment = mlflow.get_experiment_by_name(mlflow_cfg.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = mlflow_cfg.artifact_location
+    if location and "://" not in location:
+        location = Path(location).resolve().as_uri()
+    return mlflow.create_experiment(mlflow_cfg.experiment, artifact_location=location)
+
+
+@contextlib.contextmanager
+def tracked_run(mlflow_cfg: DictConfig, run_id: str | None, tags: dict[str, str]) -> Iterator[mlflow.ActiveRun]:
+    """Start (or re-open, given run_id) the run; end it FINISHED, KILLED on interrupt, FAILED on error."""
+    experiment_id = setup(mlflow_cfg)
+    run = mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name=mlflow_cfg.run_name, tags=tags)
+    try:
+        yield run
+    except KeyboardInterrupt:
+        mlflow.end_run(status="KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run(status="FAILED")
+        raise
+    mlflow.end_run(status="FINISHED")
+
+
+class EpochMetrics(keras.callbacks.Callback):
+    """Logs every epoch's metrics at step = global epoch, so both phases share one axis."""
+
+    def __init__(self, phase: int) -> None:
+        super().__init__()
+        self.phase = phase
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        metrics = {key: float(value) for key, value in (logs or {}).items()}
+        metrics["phase"] = self.phase
+        mlflow.log_metrics(metrics, step=epoch + 1)

@@ -1,0 +1,191 @@
+"""Two-phase fine-tuning: head only, then the top blocks at a low SGD learning rate; resumable."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import mlflow
+import numpy as np
+import tensorflow as tf
+from sklearn.utils.class_weight import compute_class_weight
+
+from finetune.backbones import BACKBONES
+from finetune.evaluate import effective_top_k
+from finetune.model import freeze_backbone, model_backbone, unfreeze_top_blocks
+
+OPTIMIZERS = {
+    "adam": keras.optimizers.Adam,
+    "adamw": keras.optimizers.AdamW,
+    "sgd": keras.optimizers.SGD,
+    "rmsprop": keras.optimizers.RMSprop,
+}
+
+
+class RunState:
+    """JSON file in the run directory that lets an interrupted run resume where it stopped."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"epochs": {}}
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.data.get(key, default)
+
+    def update(self, **values: Any) -> None:
+        self.data.update(values)
+        self.save()
+
+    def record_epoch(self, epoch: int, phase: int, logs: dict[str, float]) -> None:
+        self.data["epochs"][str(epoch)] = {"phase": phase, **logs}
+        self.save()
+
+    def history(self) -> list[dict[str, float]]:
+        """Per-epoch records in epoch order, with `epoch` (1-based, global) and `phase`."""
+        return [{"epoch": int(e), **rec} for e, rec in sorted(self.data["epochs"].items(), key=lambda kv: int(kv[0]))]
+
+    def best_val_accuracy(self) -> float | None:
+        values = [rec["val_accuracy"] for rec in self.data["epochs"].values() if "val_accuracy" in rec]
+        return max(values) if values else None
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        tmp.replace(self.path)
+
+
+class EpochRecorder(keras.callbacks.Callback):
+    """After every epoch: metrics to MLflow (step = global epoch) and to the run state."""
+
+    def __init__(self, phase: int, state: RunState) -> None:
+        super().__init__()
+        self.phase = phase
+        self.state = state
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        metrics = {key: float(value) for key, value in (logs or {}).items()}
+        mlflow.log_metrics({**metrics, "phase": self.phase}, step=epoch + 1)
+        self.state.record_epoch(epoch + 1, self.phase, metrics)
+
+
+@dataclass
+class PhaseResult:
+    """What one phase did."""
+
+    epochs: int  # global epoch count at the end of the phase
+    best_val_accuracy: float
+    seconds: float  # wall time of the attempt that finished the phase
+
+
+def balanced_class_weight(labels: list[int], num_classes: int) -> dict[int, float]:
+    """scikit-learn's 'balanced' weights: n_samples / (n_classes * count per class)."""
+    weights = compute_class_weight("balanced", classes=np.arange(num_classes), y=np.asarray(labels))
+    return dict(enumerate(weights.tolist()))
+
+
+def train_two_phases(
+    model: keras.Model,
+    cfg: Any,
+    train_ds: tf.data.Dataset,
+    val_ds: tf.data.Dataset,
+    run_dir: Path,
+    state: RunState,
+    class_weight: dict[int, float] | None = None,
+) -> dict[str, PhaseResult]:
+    """Run (or resume) both phases; the model ends with the best weights on validation accuracy."""
+    best_path = run_dir / "checkpoints" / "best.weights.h5"
+    best_path.parent.mkdir(parents=True, exist_ok=True)
+    train, backbone = cfg.train, model_backbone(model)
+    spec = BACKBONES[cfg.backbone.name]
+    fit = dict(train_ds=train_ds, val_ds=val_ds, run_dir=run_dir, state=state, best_path=best_path, class_weight=class_weight,
+               patience=train.early_stopping_patience)
+
+    freeze_backbone(backbone)
+    _compile(model, OPTIMIZERS[train.phase1.optimizer](learning_rate=train.phase1.learning_rate), cfg)
+    results = {"phase1": _run_phase(model, 1, 0, train.phase1.epochs, **fit)}
+    _load_best(model, best_path)
+
+    if cfg.backbone.unfreeze_blocks > 0 and train.phase2.epochs > 0:
+        unfrozen = unfreeze_top_blocks(backbone, spec, cfg.backbone.unfreeze_blocks)
+        state.update(unfrozen_blocks=unfrozen)
+        sgd = keras.optimizers.SGD(learning_rate=train.phase2.learning_rate, momentum=train.phase2.momentum)
+        _compile(model, sgd, cfg)
+        start = results["phase1"].epochs
+        results["phase2"] = _run_phase(model, 2, start, start + train.phase2.epochs, **fit)
+        _load_best(model, best_path)  # best of both phases: phase 2 only saves when it beats phase 1
+    return results
+
+
+def _load_best(model: keras.Model, best_path: Path) -> None:
+    """Load the best checkpoint's model weights (its optimizer state belongs to the other phase)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+        model.load_weights(best_path)
+
+
+def _compile(model: keras.Model, optimizer: keras.optimizers.Optimizer, cfg: Any) -> None:
+    top_k = effective_top_k(cfg.evaluate.top_k, model.output_shape[-1])
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.train.label_smoothing),
+        metrics=["accuracy", keras.metrics.TopKCategoricalAccuracy(k=top_k, name=f"top{top_k}_accuracy")],
+    )
+
+
+def _run_phase(
+    model: keras.Model,
+    phase: int,
+    initial_epoch: int,
+    epochs: int,
+    *,
+    train_ds: tf.data.Dataset,
+    val_ds: tf.data.Dataset,
+    run_dir: Path,
+    state: RunState,
+    best_path: Path,
+    class_weight: dict[int, float] | None,
+    patience: int,
+) -> PhaseResult:
+    """Fit one phase, or return its recorded result when an earlier attempt finished it."""
+    key = f"phase{phase}"
+    if state.get(key):
+        return PhaseResult(**state.get(key))
+    callbacks = [
+        keras.callbacks.BackupAndRestore(str(run_dir / "checkpoints" / f"backup_{key}")),
+        keras.callbacks.ModelCheckpoint(
+            str(best_path),
+            monitor="val_accuracy",
+            mode="max",
+            save_best_only=True,
+            save_weights_only=True,
+            initial_value_threshold=state.best_val_accuracy(),
+        ),
+        keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=patience),
+        EpochRecorder(phase, state),
+    ]
+    print(f"Phase {phase}: epochs {initial_epoch + 1}..{epochs}", flush=True)
+    started = time.perf_counter()
+    model.fit(
+        train_ds,
+        validation_data=val_ds,
+        initial_epoch=initial_epoch,
+        epochs=epochs,
+        callbacks=callbacks,
+        class_weight=class_weight,
+        shuffle=False,  # the training dataset shuffles itself
+        verbose=1 if sys.stdout.isatty() else 2,  # progress bars on a terminal, one line per epoch in logs
+    )
+    phase_epochs = [rec["epoch"] for rec in state.history() if rec["phase"] == phase]
+    result = PhaseResult(
+        epochs=max(phase_epochs, default=initial_epoch),
+        best_val_accuracy=state.best_val_accuracy() or 0.0,
+        seconds=time.perf_counter() - started,
+    )
+    state.update(**{key: asdict(result)})
+    return result
