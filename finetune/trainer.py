@@ -156,7 +156,8 @@ def _run_phase(
     key = f"phase{phase}"
     if state.get(key):
         return PhaseResult(**state.get(key))
-    callbacks = [
+    callbacks = [  # the recorder runs before the backup, so a resumed run never misses a recorded epoch
+        EpochRecorder(phase, state),
         keras.callbacks.BackupAndRestore(str(run_dir / "checkpoints" / f"backup_{key}")),
         keras.callbacks.ModelCheckpoint(
             str(best_path),
@@ -167,7 +168,6 @@ def _run_phase(
             initial_value_threshold=state.best_val_accuracy(),
         ),
         keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=patience),
-        EpochRecorder(phase, state),
     ]
     print(f"Phase {phase}: epochs {initial_epoch + 1}..{epochs}", flush=True)
     started = time.perf_counter()

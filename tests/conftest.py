@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny synthetic image folders, the shared real data, and a real CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import finetune  # noqa: F401  (quiets TensorFlow's C++ logging before any test imports it)
+
+PROJECT = Path(__file__).resolve().parent.parent
+SHARED = PROJECT.parent / "shared"
+SHARED_FLOWERS = SHARED / "data" / "flower_photos"
+SHARED_WEIGHTS = SHARED / "weights"
+COLORS = ((220, 40, 40), (40, 200, 40), (40, 40, 220))
+
+
+def write_image(path: Path, color: tuple[int, int, int], rng: np.random.Generator, mode: str = "RGB") -> None:
+    """A small noisy image of one dominant colour, in the format the suffix names."""
+    pixels = np.clip(rng.normal(color, 30, (36, 44, 3)), 0, 255).astype("uint8")
+    Image.fromarray(pixels).convert(mode).save(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 colour classes x 14 images (JPEG, PNG, BMP, GIF, grayscale, RGBA) plus 2 unusable files."""
+    root = tmp_path_factory.mktemp("tiny_images")
+    rng = np.random.default_rng(0)
+    formats = [("jpg", "RGB"), ("png", "RGB"), ("bmp", "RGB"), ("gif", "P"), ("png", "L"), ("png", "RGBA"), ("jpeg", "RGB")]
+    for label, color in enumerate(COLORS):
+        class_dir = root / f"class_{label}"
+        class_dir.mkdir()
+        for index in range(14):
+            suffix, mode = formats[index % len(formats)]
+            write_image(class_dir / f"img_{index}.{suffix}", color, rng, mode)
+    (root / "class_0" / "corrupt.jpg").write_bytes(b"this is not a jpeg")
+    (root / "class_1" / "notes.txt").write_text("not an image")
+    return root
+
+
+def cli(*args: str, cwd: Path, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m finetune ARGS` as a user would, from cwd."""
+    full_env = {key: value for key, value in os.environ.items() if key != "FINETUNE_WEIGHTS_DIR"}
+    full_env.update({"PYTHONUNBUFFERED": "1", **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "finetune", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def quick_overrides(data: Path, run_dir: Path, *extra: str) -> list[str]:
+    """A few-second training config on synthetic images with random weights."""
+    return [
+        "backbone=mobilenet_v3_small",
+        "backbone.weights=null",
+        "backbone.input_size=32",
+        "data=folder",
+        f"data.path={data}",
+        "data.batch_size=8",
+        "train.phase1.epochs=2",
+        "train.phase2.epochs=2",
+        "latency.warmup=2",
+        "latency.runs=5",
+        f"hydra.run.dir={run_dir}",
+        *extra,
+    ]

@@ -1,0 +1,108 @@
+"""The real CLI end to end on tiny synthetic images: outputs, MLflow record, resume after a kill."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import cli, quick_overrides
+
+pytestmark = pytest.mark.slow
+
+
+def mlflow_client(project: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{project / 'experiments' / 'mlflow.db'}")
+
+
+def only_run(client: MlflowClient) -> mlflow.entities.Run:
+    experiment = client.get_experiment_by_name("finetune")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    return runs[0]
+
+
+def test_full_run_leaves_outputs_and_one_mlflow_run(tmp_path: Path, tiny_images: Path) -> None:
+    run_dir = tmp_path / "experiments" / "runs" / "first"
+    result = cli(*quick_overrides(tiny_images, run_dir), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    for name in ("model.keras", "metrics.json", "classification_report.txt", "confusion_matrix.png",
+                 "training_curves.png", "config.yaml", "data_splits.csv", "skipped_images.txt"):
+        assert (run_dir / name).is_file(), name
+    skipped = (run_dir / "skipped_images.txt").read_text()
+    assert "corrupt.jpg" in skipped and "notes.txt" in skipped
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["skipped_images"] == 2
+    assert metrics["params"] > 0 and metrics["macs"] > 0 and metrics["latency_median_ms"] > 0
+    assert "Test accuracy" in result.stdout and str(run_dir) in result.stdout
+
+    client = mlflow_client(tmp_path)
+    run = only_run(client)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["backbone.name"] == "mobilenet_v3_small"
+    split_rows = (run_dir / "data_splits.csv").read_text().splitlines()[1:]
+    assert run.data.params["data.train_images"] == str(sum(row.startswith("train,") for row in split_rows))
+    assert len(split_rows) == 42  # every usable image, in exactly one split
+    for key in ("test_accuracy", "test_top2_accuracy", "params", "macs", "latency_median_ms", "latency_p90_ms"):
+        assert key in run.data.metrics, key
+    assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
+    history = client.get_metric_history(run.info.run_id, "val_accuracy")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4]  # both phases on one axis
+    phases = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "phase")}
+    assert phases == {1: 1, 2: 1, 3: 2, 4: 2}
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "confusion_matrix.png", "training_curves.png", "classification_report.txt", "model"} <= artifacts
+
+
+def test_missing_imagenet_weights_name_the_file_and_where(tmp_path: Path, tiny_images: Path) -> None:
+    overrides = quick_overrides(tiny_images, tmp_path / "run", "backbone.weights=imagenet", "backbone.input_size=224")
+    result = cli(*overrides, cwd=tmp_path, env={"KERAS_HOME": str(tmp_path / "keras_home")})
+    assert result.returncode == 2
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("finetune: error: ImageNet weights for mobilenet_v3_small")
+    assert "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5" in last_line
+    assert str(tmp_path / "keras_home" / "models") in last_line
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_interrupted_run_resumes_without_repeating_finished_epochs(tmp_path: Path, tiny_images: Path) -> None:
+    run_dir = tmp_path / "experiments" / "runs" / "resumable"
+    overrides = quick_overrides(tiny_images, run_dir, "train.phase1.epochs=3", "train.phase2.epochs=30",
+                                "train.early_stopping_patience=100")
+    process = subprocess.Popen([sys.executable, "-m", "finetune", *overrides], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state_path = run_dir / "state.json"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # wait until phase 2 has finished an epoch
+        if state_path.exists() and '"phase": 2' in state_path.read_text():
+            break
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "Resume with:" in stderr and f"hydra.run.dir={run_dir}" in stderr
+    interrupted = json.loads(state_path.read_text())
+    assert "phase1" in interrupted and "phase2" not in interrupted
+    assert only_run(mlflow_client(tmp_path)).info.status == "KILLED"
+    done_before = len(interrupted["epochs"])
+
+    resumed = cli(*overrides, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Phase 1:" not in resumed.stdout  # phase 1 is not trained again
+    final = json.loads(state_path.read_text())
+    assert [int(e) for e in final["epochs"]] == list(range(1, 34))
+    first_epoch = int(resumed.stdout.split("Epoch ")[1].split("/")[0])
+    assert first_epoch in (done_before, done_before + 1)  # phase 2 carries on from its last saved epoch
+    run = only_run(mlflow_client(tmp_path))  # the same MLflow run, re-opened
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in mlflow_client(tmp_path).get_metric_history(run.info.run_id, "val_accuracy")]
+    assert sorted(set(steps)) == list(range(1, 34))
