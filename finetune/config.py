@@ -12,6 +12,7 @@ from finetune.backbones import BACKBONES, MIN_INPUT_SIZE, imagenet_alphas
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+SCHEDULES = ("constant", "cosine")
 
 
 class UsageError(Exception):
@@ -120,6 +121,8 @@ def _validate_train(train: DictConfig) -> None:
             raise UsageError(f"train.{phase}.epochs={epochs} must be a whole number >= {minimum}")
         if not train[phase].learning_rate > 0:
             raise UsageError(f"train.{phase}.learning_rate={train[phase].learning_rate} must be > 0")
+        if train[phase].schedule not in SCHEDULES:
+            raise UsageError(f"train.{phase}.schedule={train[phase].schedule} is unknown; choose one of: {', '.join(SCHEDULES)}")
     if train.phase1.optimizer not in OPTIMIZERS:
         raise UsageError(f"train.phase1.optimizer={train.phase1.optimizer} is unknown; choose one of: {', '.join(OPTIMIZERS)}")
     if not 0 <= train.phase2.momentum < 1:

@@ -12,6 +12,7 @@ import mlflow
 from omegaconf import DictConfig, OmegaConf
 
 from finetune import cost, tracking
+from finetune.backbones import BACKBONES
 from finetune.dataset import (
     SPLITS,
     ImageFolder,
@@ -26,6 +27,7 @@ from finetune.evaluate import Evaluation, evaluate, save_confusion_matrix, save_
 from finetune.model import build_classifier
 from finetune.sources import data_root
 from finetune.trainer import RunState, balanced_class_weight, train_two_phases
+from finetune.weights import resolve as resolve_weights
 
 
 def run_job(cfg: DictConfig, run_dir: Path, tags: dict[str, str] | None = None) -> dict[str, Any]:
@@ -41,6 +43,8 @@ def run_job(cfg: DictConfig, run_dir: Path, tags: dict[str, str] | None = None) 
     splits = split_folder(folder, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
     _write_splits(splits, folder, run_dir / "data_splits.csv")
     num_classes = len(folder.class_names)
+    weights_source = resolve_weights(BACKBONES[cfg.backbone.name], cfg.backbone, cfg.weights_dir)
+    print(f"{cfg.backbone.name} with weights: {weights_source}; {len(folder.paths)} images in {num_classes} classes")
     model = build_classifier(cfg, num_classes)
 
     size, batch = cfg.backbone.input_size, cfg.data.batch_size
@@ -53,7 +57,7 @@ def run_job(cfg: DictConfig, run_dir: Path, tags: dict[str, str] | None = None) 
         if not state.get("mlflow_run_id"):
             state.update(mlflow_run_id=run.info.run_id)
             mlflow.log_params(tracking.flatten(cfg))
-            mlflow.log_params(_data_params(folder, splits))
+            mlflow.log_params({**_data_params(folder, splits), "backbone.weights_source": weights_source})
         phases = train_two_phases(model, cfg, train_ds, val_ds, run_dir, state, class_weight)
         evaluation = evaluate(model, test_ds, folder.class_names, cfg.evaluate.top_k)
         latency = cost.measure_latency(model, cfg.latency.warmup, cfg.latency.runs)

@@ -106,20 +106,30 @@ def train_two_phases(
     fit = dict(train_ds=train_ds, val_ds=val_ds, run_dir=run_dir, state=state, best_path=best_path, class_weight=class_weight,
                patience=train.early_stopping_patience)
 
+    steps_per_epoch = int(train_ds.cardinality())
     freeze_backbone(backbone)
-    _compile(model, OPTIMIZERS[train.phase1.optimizer](learning_rate=train.phase1.learning_rate), cfg)
+    phase1_rate = learning_rate(train.phase1, steps_per_epoch)
+    _compile(model, OPTIMIZERS[train.phase1.optimizer](learning_rate=phase1_rate), cfg)
     results = {"phase1": _run_phase(model, 1, 0, train.phase1.epochs, **fit)}
     _load_best(model, best_path)
 
     if cfg.backbone.unfreeze_blocks > 0 and train.phase2.epochs > 0:
         unfrozen = unfreeze_top_blocks(backbone, spec, cfg.backbone.unfreeze_blocks)
         state.update(unfrozen_blocks=unfrozen)
-        sgd = keras.optimizers.SGD(learning_rate=train.phase2.learning_rate, momentum=train.phase2.momentum)
+        phase2_rate = learning_rate(train.phase2, steps_per_epoch)
+        sgd = keras.optimizers.SGD(learning_rate=phase2_rate, momentum=train.phase2.momentum)
         _compile(model, sgd, cfg)
         start = results["phase1"].epochs
         results["phase2"] = _run_phase(model, 2, start, start + train.phase2.epochs, **fit)
         _load_best(model, best_path)  # best of both phases: phase 2 only saves when it beats phase 1
     return results
+
+
+def learning_rate(phase_cfg: Any, steps_per_epoch: int) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    """The phase's learning rate: constant, or cosine-decayed to zero over the phase's epochs."""
+    if phase_cfg.schedule == "constant":
+        return phase_cfg.learning_rate
+    return keras.optimizers.schedules.CosineDecay(phase_cfg.learning_rate, decay_steps=phase_cfg.epochs * steps_per_epoch)
 
 
 def _load_best(model: keras.Model, best_path: Path) -> None:
