@@ -1,7 +1,11 @@
-"""Command line: `finetune [summary] key=value ...` (Hydra overrides); config errors exit 2 with one line."""
+"""Command line: `finetune key=value ...` (Hydra overrides) and `finetune summary|export|predict ...`.
+
+Config errors exit 2 with one line.
+"""
 
 from __future__ import annotations
 
+import importlib
 import shutil
 import signal
 import sys
@@ -12,8 +16,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from finetune.artifacts import ExportError
 from finetune.config import CONF_DIR, UsageError, compose, validate
 
+SUBCOMMANDS = {"summary": "finetune.summary", "export": "finetune.export", "predict": "finetune.predict"}
 USAGE_EXIT = 2
 INTERRUPT_EXIT = 130
 
@@ -27,10 +33,8 @@ def fail(error: UsageError) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Dispatch `summary`, check the config before Hydra writes anything, then run the Hydra app."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["summary"]:
-        from finetune.summary import main as summary_main
-
-        summary_main(argv[1:])
+    if argv and argv[0] in SUBCOMMANDS:
+        importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
         return
     if not any(arg.startswith("-") for arg in argv):  # Hydra's own flags (--cfg, -m, --help) go straight through
         try:
@@ -63,6 +67,9 @@ def _hydra_app(cfg: DictConfig) -> None:
         if fresh:
             shutil.rmtree(run_dir, ignore_errors=True)
         fail(error)
+    except ExportError as error:
+        print(f"finetune: export failed: {error} (the trained model is in {run_dir}/model.keras)", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         overrides = " ".join(hydra_cfg.overrides.task)
         print(

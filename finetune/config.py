@@ -8,6 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from finetune.artifacts import FORMATS
 from finetune.backbones import BACKBONES, MIN_INPUT_SIZE, imagenet_alphas
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -42,6 +43,7 @@ def validate(cfg: DictConfig) -> None:
     validate_model(cfg)
     _validate_data(cfg.data)
     _validate_train(cfg.train)
+    validate_export(cfg.export)
     weights_dir = cfg.get("weights_dir")
     if weights_dir and not Path(weights_dir).is_dir():
         raise UsageError(f"weights_dir={weights_dir} is not a folder; give a folder of Keras weight files")
@@ -132,3 +134,12 @@ def _validate_train(train: DictConfig) -> None:
         raise UsageError(f"train.early_stopping_patience={patience} must be a whole number >= 1")
     if not 0 <= train.label_smoothing < 1:
         raise UsageError(f"train.label_smoothing={train.label_smoothing} must be in [0, 1)")
+
+
+def validate_export(export: DictConfig) -> None:
+    """Check the export formats and calibration size."""
+    unknown = [fmt for fmt in export.formats if fmt not in FORMATS]
+    if unknown:
+        raise UsageError(f"export.formats has unknown {', '.join(unknown)}; choose from: {', '.join(FORMATS)}")
+    if not isinstance(export.representative_images, int) or export.representative_images < 1:
+        raise UsageError(f"export.representative_images={export.representative_images} must be a whole number >= 1")

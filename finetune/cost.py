@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import keras
@@ -37,14 +38,14 @@ def count_macs(model: keras.Model) -> int:
 
 @dataclass
 class Latency:
-    """Batch-1 CPU latency and the protocol it was measured with."""
+    """Batch-1 CPU latency and the protocol it was measured with (warm-up calls, timed runs, threads)."""
 
     median_ms: float
     p90_ms: float
     warmup: int
     runs: int
     threads: int
-    method: str = "tf.function, batch 1, float32 input"
+    method: str  # what ran: "keras model, tf.function", "tflite_int8, LiteRT + XNNPACK", ...
 
     def as_dict(self) -> dict[str, float | int | str]:
         return asdict(self)
@@ -55,22 +56,28 @@ def intra_op_threads() -> int:
     return tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count() or 1
 
 
-def measure_latency(model: keras.Model, warmup: int = 10, runs: int = 50) -> Latency:
-    """Median and p90 wall time of single-image inference through a compiled tf.function."""
-    size = model.input_shape[1:]
-    predict = tf.function(lambda x: model(x, training=False), input_signature=[tf.TensorSpec((1, *size), tf.float32)])
-    image = tf.random.stateless_uniform((1, *size), seed=(0, 0), maxval=255.0)
+def time_calls(call: Callable[[], object], warmup: int, runs: int, threads: int, method: str) -> Latency:
+    """Median and p90 wall time of `call` after `warmup` untimed calls."""
     for _ in range(warmup):
-        predict(image).numpy()
+        call()
     times = []
     for _ in range(runs):
         start = time.perf_counter()
-        predict(image).numpy()
+        call()
         times.append((time.perf_counter() - start) * 1000)
     return Latency(
         median_ms=float(np.median(times)),
         p90_ms=float(np.percentile(times, 90)),
         warmup=warmup,
         runs=runs,
-        threads=intra_op_threads(),
+        threads=threads,
+        method=method,
     )
+
+
+def measure_latency(model: keras.Model, warmup: int = 10, runs: int = 50) -> Latency:
+    """Single-image inference of a Keras model through a compiled tf.function."""
+    size = model.input_shape[1:]
+    predict = tf.function(lambda x: model(x, training=False), input_signature=[tf.TensorSpec((1, *size), tf.float32)])
+    image = tf.random.stateless_uniform((1, *size), seed=(0, 0), maxval=255.0)
+    return time_calls(lambda: predict(image).numpy(), warmup, runs, intra_op_threads(), "keras model, tf.function")

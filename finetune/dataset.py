@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,6 +112,22 @@ def load_image(path: tf.Tensor, size: int) -> tf.Tensor:
     image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
     image = tf.image.resize(image, (size, size))
     return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def load_images(paths: list[str], size: int) -> np.ndarray:
+    """Decode and resize files exactly as training does, as one uint8 array (N, size, size, 3)."""
+    ds = tf.data.Dataset.from_tensor_slices(paths).map(lambda p: load_image(p, size), num_parallel_calls=tf.data.AUTOTUNE)
+    return np.stack(list(ds.as_numpy_iterator())) if paths else np.zeros((0, size, size, 3), np.uint8)
+
+
+def read_splits(csv_path: Path, root: Path, class_names: list[str]) -> dict[str, Split]:
+    """The splits a run wrote to data_splits.csv."""
+    splits = {name: Split([], []) for name in SPLITS}
+    with csv_path.open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            splits[row["split"]].paths.append(str(root / row["path"]))
+            splits[row["split"]].labels.append(class_names.index(row["class"]))
+    return splits
 
 
 def make_augmenter(augment_cfg: Any, seed: int) -> keras.Sequential | None:

@@ -17,12 +17,14 @@ from finetune.dataset import (
     SPLITS,
     ImageFolder,
     Split,
+    load_images,
     make_augmenter,
     make_dataset,
     scan_folder,
     split_fingerprint,
     split_folder,
 )
+from finetune.export import BUNDLE_DIR, export_run
 from finetune.evaluate import Evaluation, evaluate, save_confusion_matrix, save_training_curves
 from finetune.model import build_classifier
 from finetune.sources import data_root
@@ -53,12 +55,16 @@ def run_job(cfg: DictConfig, run_dir: Path, tags: dict[str, str] | None = None) 
     val_ds, test_ds = (make_dataset(splits[name], num_classes, size, batch) for name in ("val", "test"))
     class_weight = balanced_class_weight(splits["train"].labels, num_classes) if cfg.head.class_weight == "auto" else None
 
-    with tracking.tracked_run(cfg.mlflow, state.get("mlflow_run_id"), tags or {}) as run:
+    dataset = dataset_info(cfg.data.name, folder, splits)
+    run_tags = {**(tags or {}), "run_dir": str(run_dir.resolve())}
+    with tracking.tracked_run(cfg.mlflow, state.get("mlflow_run_id"), run_tags) as run:
         if not state.get("mlflow_run_id"):
             state.update(mlflow_run_id=run.info.run_id)
             mlflow.log_params(tracking.flatten(cfg))
-            mlflow.log_params({**_data_params(folder, splits), "backbone.weights_source": weights_source})
+            mlflow.log_params({**{f"data.{k}": v for k, v in dataset.items() if k != "name"},
+                               "backbone.weights_source": weights_source})
         phases = train_two_phases(model, cfg, train_ds, val_ds, run_dir, state, class_weight)
+        final_val = evaluate(model, val_ds, folder.class_names, cfg.evaluate.top_k)
         evaluation = evaluate(model, test_ds, folder.class_names, cfg.evaluate.top_k)
         latency = cost.measure_latency(model, cfg.latency.warmup, cfg.latency.runs)
         model_path = run_dir / "model.keras"
@@ -66,6 +72,7 @@ def run_job(cfg: DictConfig, run_dir: Path, tags: dict[str, str] | None = None) 
         metrics = {
             **{f"{name}_best_val_accuracy": result.best_val_accuracy for name, result in phases.items()},
             **{f"{name}_seconds": result.seconds for name, result in phases.items()},
+            "final_val_accuracy": final_val.accuracy,
             "test_accuracy": evaluation.accuracy,
             f"test_top{evaluation.top_k}_accuracy": evaluation.top_k_accuracy,
             "test_macro_f1": evaluation.report["macro avg"]["f1-score"],
@@ -76,14 +83,17 @@ def run_job(cfg: DictConfig, run_dir: Path, tags: dict[str, str] | None = None) 
             "model_size_mb": model_path.stat().st_size / 1e6,
             "skipped_images": len(folder.skipped),
         }
-        _write_outputs(cfg, run_dir, state, evaluation, folder, metrics, latency.as_dict())
+        _write_outputs(cfg, run_dir, state, evaluation, folder, metrics, latency.as_dict(), dataset)
         mlflow.log_metrics(metrics)
         mlflow.log_params({f"latency.{k}": v for k, v in latency.as_dict().items() if k not in ("median_ms", "p90_ms")})
         for name in _ARTIFACTS:
             mlflow.log_artifact(str(run_dir / name))
-        mlflow.log_artifact(str(model_path), artifact_path="model")
+        example = load_images(splits["test"].paths[:1], size)
+        tracking.log_keras_model(model, example, cfg.export.register_model)
+        if cfg.export.formats:
+            export_run(cfg, model, folder.class_names, splits, dataset, run_dir / BUNDLE_DIR)
         state.update(finished=True)
-    _print_summary(metrics, latency, run_dir, run.info.run_id, cfg.mlflow.tracking_uri)
+    _print_summary(evaluation, metrics, latency, run_dir, run.info.run_id, cfg.mlflow.tracking_uri)
     return metrics
 
 
@@ -106,12 +116,14 @@ def _write_outputs(
     folder: ImageFolder,
     metrics: dict[str, float],
     latency: dict[str, Any],
+    dataset: dict[str, Any],
 ) -> None:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     (run_dir / "classification_report.txt").write_text(evaluation.report_text)
     save_confusion_matrix(evaluation, folder.class_names, run_dir / "confusion_matrix.png")
     save_training_curves(state.history(), run_dir / "training_curves.png")
-    record = {**metrics, "latency_protocol": latency, "classes": folder.class_names, "report": evaluation.report}
+    record = {**metrics, "latency_protocol": latency, "classes": folder.class_names, "dataset": dataset,
+              "report": evaluation.report}
     (run_dir / "metrics.json").write_text(json.dumps(record, indent=1))
 
 
@@ -133,23 +145,29 @@ def _write_splits(splits: dict[str, Split], folder: ImageFolder, path: Path) -> 
                 writer.writerow([name, Path(file).relative_to(folder.root), folder.class_names[label]])
 
 
-def _data_params(folder: ImageFolder, splits: dict[str, Split]) -> dict[str, Any]:
+def dataset_info(name: str, folder: ImageFolder, splits: dict[str, Split]) -> dict[str, Any]:
+    """What data a run used: where, which classes, which split (fingerprint) and how many images."""
     return {
-        "data.root": str(folder.root),
-        "data.classes": ",".join(folder.class_names),
-        "data.fingerprint": split_fingerprint(splits, folder.root),
-        **{f"data.{name}_images": len(splits[name].paths) for name in SPLITS},
+        "name": name,
+        "root": str(folder.root.resolve()),
+        "classes": ",".join(folder.class_names),
+        "fingerprint": split_fingerprint(splits, folder.root),
+        **{f"{split}_images": len(splits[split].paths) for split in SPLITS},
     }
 
 
 def _print_summary(
-    metrics: dict[str, float], latency: cost.Latency, run_dir: Path, run_id: str, tracking_uri: str
+    evaluation: Evaluation,
+    metrics: dict[str, float],
+    latency: cost.Latency,
+    run_dir: Path,
+    run_id: str,
+    tracking_uri: str,
 ) -> None:
-    top_k_key = next(key for key in metrics if key.startswith("test_top"))
     print(
         "\n"
-        f"Test accuracy {metrics['test_accuracy']:.3f} ({top_k_key.removeprefix('test_').replace('_', ' ')} "
-        f"{metrics[top_k_key]:.3f}, macro F1 {metrics['test_macro_f1']:.3f})\n"
+        f"Test accuracy {evaluation.accuracy:.3f} (top-{evaluation.top_k} {evaluation.top_k_accuracy:.3f}, "
+        f"macro F1 {metrics['test_macro_f1']:.3f})\n"
         f"Latency {latency.median_ms:.1f} ms median, {latency.p90_ms:.1f} ms p90 "
         f"(batch 1, {latency.threads} threads, {latency.runs} runs after {latency.warmup} warm-up)\n"
         f"Size {metrics['params'] / 1e6:.2f} M params, {metrics['macs'] / 1e6:.1f} M MACs, "

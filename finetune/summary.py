@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from finetune.config import UsageError, compose, validate_model
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str] | None = None) -> None:
     """Print what the configured classifier costs and which blocks phase 2 trains."""
     from finetune.cli import fail
 
     parser = argparse.ArgumentParser(prog="finetune summary", description=__doc__)
     parser.add_argument("--classes", type=int, default=5, help="number of classes of the head (default 5)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. backbone=mobilenet_v2 backbone.alpha=0.35")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = compose(args.overrides)
         validate_model(cfg)
@@ -54,3 +55,7 @@ def render(cfg, num_classes: int) -> str:
         params = sum(layer.count_params() for layer in layers)
         lines.append(f"{name:<20}{len(layers):>7}{params:>12,}  {'trainable' if name in trained else 'frozen'}")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

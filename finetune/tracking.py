@@ -9,6 +9,8 @@ from typing import Any
 
 import keras
 import mlflow
+import mlflow.tensorflow
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 
@@ -66,3 +68,18 @@ class EpochMetrics(keras.callbacks.Callback):
         metrics = {key: float(value) for key, value in (logs or {}).items()}
         metrics["phase"] = self.phase
         mlflow.log_metrics(metrics, step=epoch + 1)
+
+
+REGISTRY_ALIAS = "newest"
+
+
+def log_keras_model(model: keras.Model, example: np.ndarray, registered_name: str | None) -> None:
+    """Log the Keras model with its signature and an input example; optionally register it as "newest"."""
+    example = example.astype("float32")
+    signature = mlflow.models.infer_signature(example, np.asarray(model(example, training=False)))
+    # mlflow.tensorflow, not mlflow.keras: the latter fails with an input example (mlflow issue 16183)
+    info = mlflow.tensorflow.log_model(
+        model, name="model", signature=signature, input_example=example, registered_model_name=registered_name
+    )
+    if registered_name and info.registered_model_version is not None:
+        mlflow.MlflowClient().set_registered_model_alias(registered_name, REGISTRY_ALIAS, str(info.registered_model_version))

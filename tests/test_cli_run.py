@@ -41,6 +41,8 @@ def test_full_run_leaves_outputs_and_one_mlflow_run(tmp_path: Path, tiny_images:
     assert "corrupt.jpg" in skipped and "notes.txt" in skipped
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["skipped_images"] == 2
+    best = max(metrics["phase1_best_val_accuracy"], metrics["phase2_best_val_accuracy"])
+    assert metrics["final_val_accuracy"] == pytest.approx(best)  # the best weights of both phases are kept
     assert metrics["params"] > 0 and metrics["macs"] > 0 and metrics["latency_median_ms"] > 0
     assert "Test accuracy" in result.stdout and str(run_dir) in result.stdout
 

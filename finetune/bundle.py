@@ -1,0 +1,240 @@
+"""Export bundle: .keras, SavedModel, TFLite float32/float16/dynamic/int8, labels, model card; each measured."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from finetune.artifacts import (
+    FLOAT_FORMATS,
+    SAVED_MODEL_DIR,
+    ExportError,
+    TFLITE_FORMATS,
+    TFLitePredictor,
+    artifact_path,
+    load_predictor,
+)
+from finetune.cost import Latency, intra_op_threads, measure_latency, time_calls
+
+LABELS_FILE = "labels.txt"
+METADATA_FILE = "metadata.json"
+CARD_FILE = "model_card.md"
+
+
+@dataclass
+class ArtifactReport:
+    """What one exported artifact measured on the test split."""
+
+    format: str
+    file: str
+    size_mb: float
+    accuracy: float
+    accuracy_delta: float  # minus the Keras model's accuracy
+    top1_agreement: float  # share of test images with the same top-1 class as Keras
+    max_prob_diff: float  # largest |probability difference| from Keras over the test split
+    latency_median_ms: float
+    latency_p90_ms: float
+    latency_method: str
+    threads: int
+
+
+def write_saved_model(model: keras.Model, path: Path, top_k: int) -> None:
+    """SavedModel with `serve` (uint8 images of any size -> probabilities, top-k) and `serving_float`."""
+    size = model.input_shape[1:3]
+    k = min(top_k, model.output_shape[-1])
+
+    def serve(images: tf.Tensor) -> dict[str, tf.Tensor]:
+        resized = tf.image.resize(tf.cast(images, tf.float32), size)  # same bilinear resize as training
+        probabilities = model(resized, training=False)
+        top = tf.math.top_k(probabilities, k=k)
+        return {"probabilities": probabilities, "top_k_indices": top.indices, "top_k_probabilities": top.values}
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serve", serve, input_signature=[tf.TensorSpec((None, None, None, 3), tf.uint8, name="images")])
+    archive.add_endpoint(
+        "serving_float",
+        lambda images: model(images, training=False),
+        input_signature=[tf.TensorSpec((1, *size, 3), tf.float32, name="images")],
+    )
+    archive.write_out(str(path), verbose=False)
+
+
+def convert_tflite(saved_model: Path, fmt: str, representative: np.ndarray) -> bytes:
+    """TFLite conversion of the fixed-size float endpoint (through the SavedModel, as Keras 3 needs)."""
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model), signature_keys=["serving_float"])
+    if fmt == "tflite_float16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif fmt == "tflite_dynamic":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    elif fmt == "tflite_int8":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: ([image[None].astype("float32")] for image in representative)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.uint8  # raw pixels go straight in
+        converter.inference_output_type = tf.uint8
+    return converter.convert()
+
+
+def export_bundle(
+    model: keras.Model,
+    out_dir: Path,
+    *,
+    class_names: list[str],
+    test_images: np.ndarray,
+    test_labels: np.ndarray,
+    representative: np.ndarray,
+    export_cfg: Any,
+    latency_cfg: Any,
+    top_k: int,
+    metadata: dict[str, Any],
+) -> list[ArtifactReport]:
+    """Write every requested format into out_dir, measure each on the test split, and check float parity.
+
+    The bundle is built in a sibling `.partial` folder and moved into place only when complete.
+    """
+    formats = list(export_cfg.formats)
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    model.save(artifact_path(partial, "keras"))
+    write_saved_model(model, partial / SAVED_MODEL_DIR, top_k)
+    for fmt in formats:
+        if fmt in TFLITE_FORMATS:
+            artifact_path(partial, fmt).write_bytes(convert_tflite(partial / SAVED_MODEL_DIR, fmt, representative))
+    (partial / LABELS_FILE).write_text("".join(name + "\n" for name in class_names))
+
+    reference = np.asarray(model.predict(test_images.astype("float32"), batch_size=32, verbose=0))
+    reports = [
+        measure_artifact(model, partial, fmt, test_images, test_labels, reference, export_cfg, latency_cfg)
+        for fmt in formats
+    ]
+    for fmt in ("keras", "saved_model"):
+        if fmt not in formats:  # written only as the reference or the conversion source
+            _remove(artifact_path(partial, fmt))
+    write_model_card(partial, reports, {**metadata, "classes": class_names, "formats": formats})
+    _replace(partial, out_dir)
+    return reports
+
+
+def measure_artifact(
+    model: keras.Model,
+    bundle: Path,
+    fmt: str,
+    images: np.ndarray,
+    labels: np.ndarray,
+    reference: np.ndarray,
+    export_cfg: Any,
+    latency_cfg: Any,
+) -> ArtifactReport:
+    """Accuracy, agreement with Keras and batch-1 latency of one artifact; fails loudly on float drift."""
+    predictor = load_predictor(bundle, fmt, export_cfg.tflite_threads)
+    probabilities = predictor(images)
+    predicted = probabilities.argmax(-1)
+    max_diff = float(np.max(np.abs(probabilities - reference)))
+    tolerance = export_cfg.tolerance.float16 if fmt == "tflite_float16" else export_cfg.tolerance.float32
+    if fmt in FLOAT_FORMATS and max_diff > tolerance:
+        raise ExportError(f"{fmt} differs from the Keras model by {max_diff:.2e} in probability (tolerance {tolerance:.0e})")
+    latency = _artifact_latency(model, predictor, fmt, images[0], latency_cfg)
+    path = artifact_path(bundle, fmt)
+    size = sum(f.stat().st_size for f in path.rglob("*")) if path.is_dir() else path.stat().st_size
+    return ArtifactReport(
+        format=fmt,
+        file=path.name,
+        size_mb=size / 1e6,
+        accuracy=float(np.mean(predicted == labels)),
+        accuracy_delta=float(np.mean(predicted == labels) - np.mean(reference.argmax(-1) == labels)),
+        top1_agreement=float(np.mean(predicted == reference.argmax(-1))),
+        max_prob_diff=max_diff,
+        latency_median_ms=latency.median_ms,
+        latency_p90_ms=latency.p90_ms,
+        latency_method=latency.method,
+        threads=latency.threads,
+    )
+
+
+def _artifact_latency(model: keras.Model, predictor: Any, fmt: str, image: np.ndarray, latency_cfg: Any) -> Latency:
+    warmup, runs = latency_cfg.warmup, latency_cfg.runs
+    if fmt == "keras":
+        return measure_latency(model, warmup, runs)
+    if isinstance(predictor, TFLitePredictor):
+        return time_calls(lambda: predictor.run_one(image), warmup, runs, predictor.threads, f"{fmt}, LiteRT interpreter + XNNPACK")
+    batch = image[None]
+    return time_calls(lambda: predictor(batch), warmup, runs, intra_op_threads(), "SavedModel `serve` signature, uint8 input")
+
+
+def write_model_card(bundle: Path, reports: list[ArtifactReport], metadata: dict[str, Any]) -> None:
+    """metadata.json (machine-readable) and model_card.md (for people)."""
+    record = {**metadata, "artifacts": [asdict(report) for report in reports]}
+    (bundle / METADATA_FILE).write_text(json.dumps(record, indent=1, default=str))
+    (bundle / CARD_FILE).write_text(render_card(record))
+
+
+def artifact_table(reports: list[dict[str, Any]]) -> str:
+    """Markdown table of format, size, accuracy, latency."""
+    lines = [
+        "| format | file | size (MB) | test accuracy | Δ vs Keras | top-1 agreement | max Δprob | latency median / p90 (ms) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in reports:
+        lines.append(
+            f"| {r['format']} | `{r['file']}` | {r['size_mb']:.2f} | {r['accuracy']:.3f} | {r['accuracy_delta']:+.3f} "
+            f"| {r['top1_agreement']:.3f} | {r['max_prob_diff']:.1e} | {r['latency_median_ms']:.2f} / {r['latency_p90_ms']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def render_card(record: dict[str, Any]) -> str:
+    """The model card in Markdown."""
+    first = record["artifacts"][0] if record["artifacts"] else None
+    protocol = (
+        f"batch 1, {first['threads']} threads, {record['latency']['warmup']} warm-up calls then "
+        f"{record['latency']['runs']} timed calls on this machine ({record['machine']})"
+        if first
+        else ""
+    )
+    return f"""# Model card: {record['backbone']['name']} fine-tuned on {record['dataset']['name']}
+
+## Model
+- Backbone: `{record['backbone']['name']}` ({', '.join(f'{k} {v}' for k, v in record['backbone'].items() if k != 'name')})
+- Input: {record['input_size']}x{record['input_size']} RGB, raw 0..255 pixel values; preprocessing is inside every artifact
+  (the SavedModel `serve` signature also resizes any uint8 image itself, bilinear).
+- Output: probabilities over {len(record['classes'])} classes, in the order of `labels.txt`: {', '.join(record['classes'])}.
+- TFLite int8: uint8 input (raw pixels) and uint8 output (probability x 256).
+
+## Training
+- Dataset: {record['dataset']['name']} at `{record['dataset']['root']}`, split fingerprint `{record['dataset']['fingerprint']}`
+  ({record['dataset']['train_images']} train / {record['dataset']['val_images']} val / {record['dataset']['test_images']} test images).
+- MLflow run: `{record.get('mlflow_run_id')}`. Full training config: `metadata.json` (`config`).
+- Libraries: {', '.join(f'{k} {v}' for k, v in record['versions'].items())}.
+
+## Artifacts, measured on the test split
+Latency protocol: {protocol}.
+
+{artifact_table(record['artifacts'])}
+"""
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _replace(partial: Path, out_dir: Path) -> None:
+    """Move the finished bundle into place (replacing an older one only now)."""
+    old = out_dir.with_name(out_dir.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        out_dir.rename(old)
+    partial.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,137 @@
+"""`python -m finetune.export RUN`: (re-)export a finished run; also the export step of every training run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from dataclasses import asdict
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import keras
+import mlflow
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from finetune import tracking
+from finetune.artifacts import ExportError
+from finetune.bundle import ArtifactReport, artifact_table, export_bundle
+from finetune.config import UsageError, validate_export
+from finetune.dataset import Split, load_images, read_splits
+
+BUNDLE_DIR = "export"
+
+
+def export_run(
+    cfg: DictConfig,
+    model: keras.Model,
+    class_names: list[str],
+    splits: dict[str, Split],
+    dataset: dict[str, Any],
+    bundle_dir: Path,
+) -> list[ArtifactReport]:
+    """Build the bundle for a trained model and record it in the active MLflow run."""
+    size = cfg.backbone.input_size
+    test_images = load_images(splits["test"].paths, size)
+    rng = np.random.default_rng(cfg.seed)
+    train_paths = splits["train"].paths
+    chosen = rng.choice(len(train_paths), min(cfg.export.representative_images, len(train_paths)), replace=False)
+    representative = load_images([train_paths[i] for i in sorted(chosen)], size)
+    run = mlflow.active_run()
+    metadata = {
+        "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
+        "input_size": size,
+        "dataset": dataset,
+        "mlflow_run_id": run.info.run_id if run else None,
+        "versions": {name: version(name) for name in ("tensorflow", "keras", "ai-edge-litert", "mlflow")},
+        "machine": f"{platform.machine()}, {platform.processor() or 'unknown cpu'}, {os.cpu_count()} cores",
+        "latency": {"warmup": cfg.latency.warmup, "runs": cfg.latency.runs},
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    reports = export_bundle(
+        model,
+        bundle_dir,
+        class_names=class_names,
+        test_images=test_images,
+        test_labels=np.asarray(splits["test"].labels),
+        representative=representative,
+        export_cfg=cfg.export,
+        latency_cfg=cfg.latency,
+        top_k=cfg.evaluate.top_k,
+        metadata=metadata,
+    )
+    print(f"\nExport bundle in {bundle_dir} (measured on {len(test_images)} test images):\n{artifact_table([asdict(r) for r in reports])}")
+    if run:
+        _log_bundle(bundle_dir, reports)
+    return reports
+
+
+def _log_bundle(bundle_dir: Path, reports: list[ArtifactReport]) -> None:
+    for report in reports:
+        mlflow.log_metrics({
+            f"export.{report.format}.{key}": getattr(report, key)
+            for key in ("size_mb", "accuracy", "accuracy_delta", "top1_agreement", "latency_median_ms", "latency_p90_ms")
+        })
+    for path in bundle_dir.iterdir():
+        if path.is_file():
+            mlflow.log_artifact(str(path), artifact_path=BUNDLE_DIR)
+
+
+def resolve_run_dir(run: str, tracking_uri: str) -> Path:
+    """A run directory given as a path, or as an MLflow run id (its `run_dir` tag)."""
+    path = Path(run).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        tags = mlflow.MlflowClient(tracking_uri).get_run(run).data.tags
+    except Exception:  # MLflow raises its own error types for an unknown id or store
+        raise UsageError(f"run={run} is neither a run directory nor an MLflow run id in {tracking_uri}") from None
+    if "run_dir" not in tags:
+        raise UsageError(f"MLflow run {run} has no run_dir tag; pass the run directory instead")
+    return Path(tags["run_dir"])
+
+
+def export_saved_run(run_dir: Path, formats: list[str] | None) -> list[ArtifactReport]:
+    """Export the model a finished run saved, with its own config and data splits."""
+    needed = [run_dir / name for name in ("config.yaml", "model.keras", "data_splits.csv", "metrics.json", "state.json")]
+    missing = [p.name for p in needed if not p.exists()]
+    if missing:
+        raise UsageError(f"{run_dir} is not a finished run directory (missing {', '.join(missing)})")
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    if formats is not None:
+        cfg.export.formats = formats
+    validate_export(cfg.export)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    state = json.loads((run_dir / "state.json").read_text())
+    dataset = metrics["dataset"]
+    splits = read_splits(run_dir / "data_splits.csv", Path(dataset["root"]), metrics["classes"])
+    model = keras.saving.load_model(run_dir / "model.keras", safe_mode=True)
+    with tracking.tracked_run(cfg.mlflow, state["mlflow_run_id"], {}):
+        return export_run(cfg, model, metrics["classes"], splits, dataset, run_dir / BUNDLE_DIR)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line of `python -m finetune.export` / `finetune export`."""
+    from finetune.cli import fail
+
+    parser = argparse.ArgumentParser(prog="finetune export", description="Export a finished run's model as a bundle.")
+    parser.add_argument("run", help="run directory (experiments/runs/...) or MLflow run id")
+    parser.add_argument("--formats", help="comma-separated formats (default: the run's export.formats)")
+    parser.add_argument("--tracking-uri", default="sqlite:///experiments/mlflow.db", help="to look up an MLflow run id")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        run_dir = resolve_run_dir(args.run, args.tracking_uri)
+        export_saved_run(run_dir, args.formats.split(",") if args.formats else None)
+    except UsageError as error:
+        fail(error)
+    except ExportError as error:
+        print(f"finetune: export failed: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
