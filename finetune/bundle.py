@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -102,27 +104,43 @@ def export_bundle(
     The bundle is built in a sibling `.partial` folder and moved into place only when complete.
     """
     formats = list(export_cfg.formats)
+    with _building(out_dir) as partial:
+        model.save(artifact_path(partial, "keras"))
+        write_saved_model(model, partial / SAVED_MODEL_DIR, top_k)
+        for fmt in formats:
+            if fmt in TFLITE_FORMATS:
+                artifact_path(partial, fmt).write_bytes(convert_tflite(partial / SAVED_MODEL_DIR, fmt, representative))
+        (partial / LABELS_FILE).write_text("".join(name + "\n" for name in class_names))
+
+        reference = np.asarray(model.predict(test_images.astype("float32"), batch_size=32, verbose=0))
+        reports = [
+            measure_artifact(model, partial, fmt, test_images, test_labels, reference, export_cfg, latency_cfg)
+            for fmt in formats
+        ]
+        for fmt in ("keras", "saved_model"):
+            if fmt not in formats:  # written only as the reference or the conversion source
+                _remove(artifact_path(partial, fmt))
+        write_model_card(partial, reports, {**metadata, "classes": class_names, "formats": formats})
+    return reports
+
+
+@contextlib.contextmanager
+def _building(out_dir: Path) -> Iterator[Path]:
+    """A sibling `.partial` folder that replaces out_dir only when the block succeeds, and is removed otherwise."""
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    model.save(artifact_path(partial, "keras"))
-    write_saved_model(model, partial / SAVED_MODEL_DIR, top_k)
-    for fmt in formats:
-        if fmt in TFLITE_FORMATS:
-            artifact_path(partial, fmt).write_bytes(convert_tflite(partial / SAVED_MODEL_DIR, fmt, representative))
-    (partial / LABELS_FILE).write_text("".join(name + "\n" for name in class_names))
-
-    reference = np.asarray(model.predict(test_images.astype("float32"), batch_size=32, verbose=0))
-    reports = [
-        measure_artifact(model, partial, fmt, test_images, test_labels, reference, export_cfg, latency_cfg)
-        for fmt in formats
-    ]
-    for fmt in ("keras", "saved_model"):
-        if fmt not in formats:  # written only as the reference or the conversion source
-            _remove(artifact_path(partial, fmt))
-    write_model_card(partial, reports, {**metadata, "classes": class_names, "formats": formats})
-    _replace(partial, out_dir)
-    return reports
+    try:
+        yield partial
+    except BaseException:  # failed or interrupted: no half bundle is left behind
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    old = out_dir.with_name(out_dir.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        out_dir.rename(old)
+    partial.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def measure_artifact(
@@ -228,13 +246,3 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     else:
         path.unlink()
-
-
-def _replace(partial: Path, out_dir: Path) -> None:
-    """Move the finished bundle into place (replacing an older one only now)."""
-    old = out_dir.with_name(out_dir.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
-        out_dir.rename(old)
-    partial.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)

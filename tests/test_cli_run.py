@@ -31,7 +31,7 @@ def only_run(client: MlflowClient) -> mlflow.entities.Run:
 
 def test_full_run_leaves_outputs_and_one_mlflow_run(tmp_path: Path, tiny_images: Path) -> None:
     run_dir = tmp_path / "experiments" / "runs" / "first"
-    result = cli(*quick_overrides(tiny_images, run_dir), cwd=tmp_path)
+    result = cli(*quick_overrides(tiny_images, run_dir, "export.formats=[keras,tflite_int8]"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
 
     for name in ("model.keras", "metrics.json", "classification_report.txt", "confusion_matrix.png",
@@ -61,7 +61,48 @@ def test_full_run_leaves_outputs_and_one_mlflow_run(tmp_path: Path, tiny_images:
     phases = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "phase")}
     assert phases == {1: 1, 2: 1, 3: 2, 4: 2}
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "confusion_matrix.png", "training_curves.png", "classification_report.txt", "model"} <= artifacts
+    assert {"config.yaml", "confusion_matrix.png", "training_curves.png", "classification_report.txt", "export"} <= artifacts
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "export")} >= {
+        "export/model_int8.tflite", "export/labels.txt", "export/model_card.md", "export/metadata.json"}
+    assert "export.tflite_int8.latency_median_ms" in run.data.metrics
+    logged_models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+    assert [m.source_run_id for m in logged_models] == [run.info.run_id]  # the Keras model, with its signature
+    assert sorted(p.name for p in (run_dir / "export").iterdir()) == [
+        "labels.txt", "metadata.json", "model.keras", "model_card.md", "model_int8.tflite"]
+
+    bundle = run_dir / "export"
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    predicted = cli("predict", str(bundle), str(tiny_images / "class_2"), str(broken), "--json", cwd=tmp_path)
+    assert predicted.returncode == 1  # one file failed, the others were predicted
+    results = json.loads(predicted.stdout)["results"]
+    assert json.loads(predicted.stdout)["format"] == "tflite_int8"
+    assert len(results) == 15 and sum("error" in r for r in results) == 1
+    assert next(r for r in results if "error" in r)["path"] == str(broken)
+    assert all(len(r["predictions"]) == 2 for r in results if "error" not in r)
+    assert f"{broken}: error: not a readable image" in predicted.stderr
+
+    reexported = cli("export", str(run_dir), "--formats", "tflite_float32", cwd=tmp_path)
+    assert reexported.returncode == 0, reexported.stderr[-2000:]
+    assert sorted(p.name for p in bundle.iterdir()) == ["labels.txt", "metadata.json", "model_card.md", "model_float32.tflite"]
+    by_id = cli("export", run.info.run_id, "--formats", "keras", cwd=tmp_path)
+    assert by_id.returncode == 0, by_id.stderr[-2000:]
+    assert (bundle / "model.keras").is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["predict", "no_such_bundle", "x.jpg"], "is not a folder"),
+        (["predict", ".", "x.jpg"], "is not a complete export bundle"),
+        (["export", "no_such_run"], "neither a run directory nor an MLflow run id"),
+    ],
+)
+def test_bad_bundle_or_run_is_one_line_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
+    result = cli(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr
 
 
 def test_missing_imagenet_weights_name_the_file_and_where(tmp_path: Path, tiny_images: Path) -> None:

@@ -37,6 +37,7 @@ def test_weights_dir_supplies_keras_file_and_model_learns(tmp_path: Path, flower
         "train.phase1.epochs=4",
         "train.phase2.epochs=1",
         "latency.runs=5",
+        "export.formats=[]",
         f"hydra.run.dir={run_dir}",
         cwd=tmp_path,
         env={"KERAS_HOME": str(tmp_path / "empty_keras_home")},  # no cache, no network: only weights_dir
@@ -61,6 +62,7 @@ def test_weights_file_path_loads_the_approximate_v3_small(tmp_path: Path, flower
         "train.phase1.epochs=10",
         "train.phase2.epochs=0",
         "latency.runs=5",
+        "export.formats=[]",
         f"hydra.run.dir={tmp_path / 'run'}",
         cwd=tmp_path,
     )

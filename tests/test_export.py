@@ -1,0 +1,141 @@
+"""Export bundle: every format written, loads and predicts; float parity; int8 is integer-only; atomicity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from ai_edge_litert.interpreter import Interpreter
+from omegaconf import OmegaConf
+
+from conftest import SHARED_WEIGHTS
+from finetune import bundle as bundle_module
+from finetune.artifacts import FLOAT_FORMATS, FORMATS, ExportError, artifact_path, load_predictor
+from finetune.bundle import export_bundle
+from finetune.model import build_classifier
+
+SIZE = 64
+CLASSES = ["a", "b", "c"]
+EXPORT_CFG = OmegaConf.create({"formats": list(FORMATS), "tflite_threads": 1,
+                               "tolerance": {"float32": 1e-3, "float16": 5e-2}})
+LATENCY_CFG = OmegaConf.create({"warmup": 1, "runs": 3})
+METADATA = {
+    "backbone": {"name": "mobilenet_v2", "alpha": 0.35}, "input_size": SIZE, "mlflow_run_id": None,
+    "dataset": {"name": "synthetic", "root": "/x", "fingerprint": "f", "train_images": 1, "val_images": 1, "test_images": 1},
+    "versions": {"keras": keras.__version__}, "machine": "test", "latency": {"warmup": 1, "runs": 3}, "config": {},
+}
+
+
+@pytest.fixture(scope="module")
+def trained_model() -> keras.Model:
+    """MobileNetV2 0.35 with the real ImageNet weights and a head fitted a little, so outputs are not uniform."""
+    cfg = OmegaConf.create({
+        "backbone": {"name": "mobilenet_v2", "alpha": 0.35, "input_size": SIZE, "unfreeze_blocks": 0,
+                     "weights": str(SHARED_WEIGHTS / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5")},
+        "head": {"pooling": "avg", "dropout": 0.0, "hidden_units": [], "class_weight": None},
+    })
+    keras.utils.set_random_seed(0)
+    model = build_classifier(cfg, len(CLASSES))
+    images, labels = images_and_labels(30, seed=1)
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(images.astype("float32"), labels, epochs=3, verbose=0)
+    return model
+
+
+def images_and_labels(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = np.arange(count) % len(CLASSES)
+    base = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]])[labels][:, None, None, :]
+    return np.clip(base + rng.normal(0, 40, (count, SIZE, SIZE, 3)), 0, 255).astype("uint8"), labels
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory, trained_model: keras.Model) -> tuple[Path, list]:
+    out = tmp_path_factory.mktemp("export") / "export"
+    test_images, test_labels = images_and_labels(12, seed=2)
+    reports = export_bundle(trained_model, out, class_names=CLASSES, test_images=test_images, test_labels=test_labels,
+                            representative=images_and_labels(20, seed=3)[0], export_cfg=EXPORT_CFG,
+                            latency_cfg=LATENCY_CFG, top_k=2, metadata=METADATA)
+    return out, reports
+
+
+def test_every_format_is_written_measured_and_described(bundle: tuple[Path, list]) -> None:
+    out, reports = bundle
+    assert [r.format for r in reports] == list(FORMATS)
+    for fmt in FORMATS:
+        assert artifact_path(out, fmt).exists(), fmt
+    assert (out / "labels.txt").read_text().split() == CLASSES
+    metadata = json.loads((out / "metadata.json").read_text())
+    assert [a["format"] for a in metadata["artifacts"]] == list(FORMATS)
+    card = (out / "model_card.md").read_text()
+    for report in reports:
+        assert 0 < report.size_mb and 0 < report.latency_median_ms <= report.latency_p90_ms
+        assert f"| {report.format} |" in card
+    sizes = {r.format: r.size_mb for r in reports}
+    assert sizes["tflite_int8"] < sizes["tflite_float16"] < sizes["tflite_float32"]  # quantization shrinks
+
+
+def test_each_artifact_loads_and_float_ones_match_keras(bundle: tuple[Path, list], trained_model: keras.Model) -> None:
+    out, reports = bundle
+    images, _ = images_and_labels(6, seed=4)
+    reference = np.asarray(trained_model(images.astype("float32")))
+    assert reference.max() - reference.min() > 0.05  # not a trivially uniform model
+    for fmt in FORMATS:
+        probabilities = load_predictor(out, fmt)(images)
+        assert probabilities.shape == (6, 3)
+        difference = np.abs(probabilities - reference)
+        if fmt in FLOAT_FORMATS:
+            assert difference.max() <= (5e-2 if fmt == "tflite_float16" else 1e-3), fmt
+        else:  # quantized: close on average, and still probability distributions
+            assert difference.mean() <= 0.1, fmt
+            np.testing.assert_allclose(probabilities.sum(-1), 1, atol=0.02)
+    by_format = {r.format: r for r in reports}
+    assert by_format["tflite_float32"].max_prob_diff <= 1e-3
+    assert by_format["tflite_float32"].top1_agreement == 1.0
+
+
+def test_saved_model_serves_uint8_images_of_any_size(bundle: tuple[Path, list], trained_model: keras.Model) -> None:
+    import tensorflow as tf
+
+    serve = tf.saved_model.load(str(bundle[0] / "saved_model")).signatures["serve"]
+    big = np.random.default_rng(0).integers(0, 255, (2, 120, 90, 3), dtype=np.uint8)
+    out = serve(images=tf.constant(big))
+    expected = trained_model(tf.image.resize(big.astype("float32"), (SIZE, SIZE)))
+    np.testing.assert_allclose(out["probabilities"].numpy(), expected, atol=1e-4)
+    assert out["top_k_indices"].shape == (2, 2)
+
+
+def test_int8_model_is_integer_only(bundle: tuple[Path, list]) -> None:
+    interpreter = Interpreter(model_path=str(artifact_path(bundle[0], "tflite_int8")))
+    interpreter.allocate_tensors()
+    assert interpreter.get_input_details()[0]["dtype"] == np.uint8
+    assert interpreter.get_output_details()[0]["dtype"] == np.uint8
+    float_tensors = [t["name"] for t in interpreter.get_tensor_details() if t["dtype"] == np.float32]
+    assert float_tensors == []
+
+
+def test_failed_export_leaves_no_bundle(tmp_path: Path, trained_model: keras.Model, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(saved_model: Path, fmt: str, representative: np.ndarray) -> bytes:
+        if fmt == "tflite_int8":
+            raise RuntimeError("converter crashed")
+        return real(saved_model, fmt, representative)
+
+    real = bundle_module.convert_tflite
+    monkeypatch.setattr(bundle_module, "convert_tflite", broken)
+    images, labels = images_and_labels(4, seed=5)
+    with pytest.raises(RuntimeError, match="converter crashed"):
+        export_bundle(trained_model, tmp_path / "export", class_names=CLASSES, test_images=images, test_labels=labels,
+                      representative=images, export_cfg=EXPORT_CFG, latency_cfg=LATENCY_CFG, top_k=2, metadata=METADATA)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_float_drift_beyond_tolerance_fails_loudly(tmp_path: Path, trained_model: keras.Model) -> None:
+    strict = OmegaConf.merge(EXPORT_CFG, {"formats": ["tflite_float16"], "tolerance": {"float16": 1e-9}})
+    images, labels = images_and_labels(4, seed=6)
+    with pytest.raises(ExportError, match="tflite_float16 differs from the Keras model"):
+        export_bundle(trained_model, tmp_path / "export", class_names=CLASSES, test_images=images, test_labels=labels,
+                      representative=images, export_cfg=strict, latency_cfg=LATENCY_CFG, top_k=2, metadata=METADATA)
+    assert list(tmp_path.iterdir()) == []
