@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib
 import shutil
-import signal
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from finetune import interrupts
 from finetune.artifacts import ExportError
 from finetune.config import CONF_DIR, UsageError, compose, validate
 
@@ -41,13 +41,9 @@ def main(argv: list[str] | None = None) -> None:
             validate(compose(argv))
         except UsageError as error:
             fail(error)
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops like Ctrl-C: state saved, MLflow run marked
+    interrupts.install()  # Ctrl-C and `kill`: state saved, MLflow run marked KILLED, resume command printed
     sys.argv = [sys.argv[0], *argv]
     _hydra_app()
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")

@@ -86,6 +86,9 @@ def resolve_run_dir(run: str, tracking_uri: str) -> Path:
     path = Path(run).expanduser()
     if path.is_dir():
         return path
+    store = tracking_uri.removeprefix("sqlite:///")
+    if tracking_uri.startswith("sqlite:///") and not Path(store).is_file():
+        raise UsageError(f"run={run} is neither a run directory nor an MLflow run id (no MLflow store at {store})")
     try:
         tags = mlflow.MlflowClient(tracking_uri).get_run(run).data.tags
     except Exception:  # MLflow raises its own error types for an unknown id or store

@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 from sklearn.utils.class_weight import compute_class_weight
 
+from finetune import interrupts
 from finetune.backbones import BACKBONES
 from finetune.evaluate import effective_top_k
 from finetune.model import freeze_backbone, model_backbone, unfreeze_top_blocks
@@ -168,7 +169,7 @@ def _run_phase(
         return PhaseResult(**state.get(key))
     callbacks = [  # the recorder runs before the backup, so a resumed run never misses a recorded epoch
         EpochRecorder(phase, state),
-        keras.callbacks.BackupAndRestore(str(run_dir / "checkpoints" / f"backup_{key}")),
+        keras.callbacks.BackupAndRestore(str(run_dir / "checkpoints" / f"backup_{key}"), double_checkpoint=True),
         keras.callbacks.ModelCheckpoint(
             str(best_path),
             monitor="val_accuracy",
@@ -178,19 +179,21 @@ def _run_phase(
             initial_value_threshold=state.best_val_accuracy(),
         ),
         keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=patience),
+        interrupts.StopOnSignal(),  # last: an epoch's checkpoints are written before it stops
     ]
     print(f"Phase {phase}: epochs {initial_epoch + 1}..{epochs}", flush=True)
     started = time.perf_counter()
-    model.fit(
-        train_ds,
-        validation_data=val_ds,
-        initial_epoch=initial_epoch,
-        epochs=epochs,
-        callbacks=callbacks,
-        class_weight=class_weight,
-        shuffle=False,  # the training dataset shuffles itself
-        verbose=1 if sys.stdout.isatty() else 2,  # progress bars on a terminal, one line per epoch in logs
-    )
+    with interrupts.deferred():
+        model.fit(
+            train_ds,
+            validation_data=val_ds,
+            initial_epoch=initial_epoch,
+            epochs=epochs,
+            callbacks=callbacks,
+            class_weight=class_weight,
+            shuffle=False,  # the training dataset shuffles itself
+            verbose=1 if sys.stdout.isatty() else 2,  # progress bars on a terminal, one line per epoch in logs
+        )
     phase_epochs = [rec["epoch"] for rec in state.history() if rec["phase"] == phase]
     result = PhaseResult(
         epochs=max(phase_epochs, default=initial_epoch),
