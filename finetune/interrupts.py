@@ -7,8 +7,6 @@ import signal
 import sys
 from collections.abc import Iterator
 
-import keras
-
 _deferring = False
 _pending = False
 
@@ -30,7 +28,7 @@ def _handle(signum: int, frame: object) -> None:
 
 @contextlib.contextmanager
 def deferred() -> Iterator[None]:
-    """Inside this block a signal only asks StopOnSignal to stop at the next step boundary."""
+    """Inside this block a signal only raises the flag that `stop_requested()` reads."""
     global _deferring, _pending
     _deferring, _pending = True, False
     try:
@@ -39,16 +37,6 @@ def deferred() -> Iterator[None]:
         _deferring = False
 
 
-class StopOnSignal(keras.callbacks.Callback):
-    """Raises KeyboardInterrupt at a step or epoch boundary once a signal arrived (put it last)."""
-
-    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        self._stop_if_asked()
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        self._stop_if_asked()
-
-    @staticmethod
-    def _stop_if_asked() -> None:
-        if _pending:
-            raise KeyboardInterrupt
+def stop_requested() -> bool:
+    """Whether a signal arrived inside a `deferred()` block."""
+    return _pending

@@ -75,6 +75,18 @@ class EpochRecorder(keras.callbacks.Callback):
         self.state.record_epoch(epoch + 1, self.phase, metrics)
 
 
+class StopOnSignal(keras.callbacks.Callback):
+    """Raises KeyboardInterrupt at a step or epoch boundary once Ctrl-C or `kill` arrived."""
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if interrupts.stop_requested():
+            raise KeyboardInterrupt
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if interrupts.stop_requested():
+            raise KeyboardInterrupt
+
+
 @dataclass
 class PhaseResult:
     """What one phase did."""
@@ -179,7 +191,7 @@ def _run_phase(
             initial_value_threshold=state.best_val_accuracy(),
         ),
         keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=patience),
-        interrupts.StopOnSignal(),  # last: an epoch's checkpoints are written before it stops
+        StopOnSignal(),  # last: an epoch's checkpoints are written before it stops
     ]
     print(f"Phase {phase}: epochs {initial_epoch + 1}..{epochs}", flush=True)
     started = time.perf_counter()
