@@ -53,10 +53,15 @@ def _hydra_app(cfg: DictConfig) -> None:
     fresh = not (run_dir / "state.json").exists()
     try:
         validate(cfg)
-        from finetune.run import run_job  # TensorFlow loads only once the config is known to be good
-
         tags = {"sweep_dir": hydra_cfg.sweep.dir} if hydra_cfg.mode == RunMode.MULTIRUN else {}
-        run_job(cfg, run_dir, tags)
+        if cfg.mode == "tune":  # TensorFlow loads only once the config is known to be good
+            from finetune.tuning import tune_job
+
+            tune_job(cfg, run_dir, tags)
+        else:
+            from finetune.run import run_job
+
+            run_job(cfg, run_dir, tags)
     except UsageError as error:
         if hydra_cfg.mode == RunMode.MULTIRUN:
             raise  # Hydra runs the sweep's other jobs, then reports this one

@@ -14,6 +14,8 @@ from finetune.backbones import BACKBONES, MIN_INPUT_SIZE, imagenet_alphas
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 SCHEDULES = ("constant", "cosine")
+MODES = ("train", "tune")
+ALGORITHMS = ("random", "bayesian", "hyperband")
 
 
 class UsageError(Exception):
@@ -44,6 +46,10 @@ def validate(cfg: DictConfig) -> None:
     _validate_data(cfg.data)
     _validate_train(cfg.train)
     validate_export(cfg.export)
+    if cfg.mode not in MODES:
+        raise UsageError(f"mode={cfg.mode} is unknown; choose one of: {', '.join(MODES)}")
+    if cfg.mode == "tune":
+        _validate_tuner(cfg)
     weights_dir = cfg.get("weights_dir")
     if weights_dir and not Path(weights_dir).is_dir():
         raise UsageError(f"weights_dir={weights_dir} is not a folder; give a folder of Keras weight files")
@@ -143,3 +149,28 @@ def validate_export(export: DictConfig) -> None:
         raise UsageError(f"export.formats has unknown {', '.join(unknown)}; choose from: {', '.join(FORMATS)}")
     if not isinstance(export.representative_images, int) or export.representative_images < 1:
         raise UsageError(f"export.representative_images={export.representative_images} must be a whole number >= 1")
+
+
+def _validate_tuner(cfg: DictConfig) -> None:
+    search, spec = cfg.tuner, BACKBONES[cfg.backbone.name]
+    if search.algorithm not in ALGORITHMS:
+        raise UsageError(f"tuner.algorithm={search.algorithm} is unknown; choose one of: {', '.join(ALGORITHMS)}")
+    for key in ("max_trials", "max_epochs", "phase1_epochs"):
+        if not isinstance(search[key], int) or search[key] < 1:
+            raise UsageError(f"tuner.{key}={search[key]} must be a whole number >= 1")
+    if not 0 <= search.dropout.min <= search.dropout.max < 1:
+        raise UsageError(f"tuner.dropout min={search.dropout.min} max={search.dropout.max} must satisfy 0 <= min <= max < 1")
+    alphas = imagenet_alphas(spec, cfg.backbone)
+    if search.alpha and alphas is None:
+        raise UsageError(f"tuner.alpha is set but {spec.name} has no alpha; leave it null")
+    if search.alpha and cfg.backbone.weights == "imagenet":
+        missing = [a for a in search.alpha if float(a) not in alphas]
+        if missing:
+            allowed = ", ".join(str(a) for a in alphas)
+            raise UsageError(f"tuner.alpha has {missing} without ImageNet weights for {spec.name}; allowed: {allowed} (or backbone.weights=null)")
+    for size in search.input_size or []:
+        if size < MIN_INPUT_SIZE or (cfg.backbone.weights == "imagenet" and spec.imagenet_sizes and size not in spec.imagenet_sizes):
+            raise UsageError(f"tuner.input_size has {size}, which {spec.name} cannot take with backbone.weights={cfg.backbone.weights}")
+    for blocks in search.unfreeze_blocks or []:
+        if not 0 <= blocks <= spec.num_blocks:
+            raise UsageError(f"tuner.unfreeze_blocks has {blocks}; {spec.name} has {spec.num_blocks} blocks (0..{spec.num_blocks})")

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import keras
 import mlflow
+import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
 from finetune import cost, tracking
@@ -32,32 +34,68 @@ from finetune.trainer import RunState, balanced_class_weight, train_two_phases
 from finetune.weights import resolve as resolve_weights
 
 
-def run_job(cfg: DictConfig, run_dir: Path, tags: dict[str, str] | None = None) -> dict[str, Any]:
+@dataclass
+class PreparedData:
+    """A scanned and split dataset, ready to feed any model of a run or a search."""
+
+    folder: ImageFolder
+    splits: dict[str, Split]
+    info: dict[str, Any]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.folder.class_names)
+
+    def write_lists(self, run_dir: Path) -> None:
+        """skipped_images.txt and data_splits.csv in run_dir."""
+        _write_skipped(self.folder, run_dir / "skipped_images.txt")
+        _write_splits(self.splits, self.folder, run_dir / "data_splits.csv")
+
+    def datasets(self, cfg: DictConfig) -> tuple[tf.data.Dataset, tf.data.Dataset, tf.data.Dataset]:
+        """train (shuffled, augmented), val and test pipelines at cfg's input size."""
+        size, batch = cfg.backbone.input_size, cfg.data.batch_size
+        augmenter = make_augmenter(cfg.data.augment, cfg.seed)
+        train = make_dataset(self.splits["train"], self.num_classes, size, batch, augmenter, seed=cfg.seed)
+        val, test = (make_dataset(self.splits[name], self.num_classes, size, batch) for name in ("val", "test"))
+        return train, val, test
+
+
+def prepare_data(cfg: DictConfig) -> PreparedData:
+    """Scan (reporting skipped files) and split the configured data."""
+    folder = scan_folder(data_root(cfg.data))
+    if folder.skipped:
+        print(f"Skipped {len(folder.skipped)} unusable file(s) (listed in skipped_images.txt):")
+        for path, reason in folder.skipped[:5]:
+            print(f"  {path}\t{reason}")
+    splits = split_folder(folder, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
+    return PreparedData(folder, splits, dataset_info(cfg.data.name, folder, splits))
+
+
+def run_job(
+    cfg: DictConfig,
+    run_dir: Path,
+    tags: dict[str, str] | None = None,
+    data: PreparedData | None = None,
+    nested: bool = False,
+) -> dict[str, Any]:
     """Train, evaluate and record one configuration in run_dir (resuming what is already there)."""
     state = RunState(run_dir / "state.json")
     if state.get("finished"):
         print(f"This run already finished; its results are in {run_dir} (metrics.json).")
         return json.loads((run_dir / "metrics.json").read_text())
     keras.utils.set_random_seed(cfg.seed)
-
-    folder = scan_folder(data_root(cfg.data))
-    _write_skipped(folder, run_dir / "skipped_images.txt")
-    splits = split_folder(folder, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
-    _write_splits(splits, folder, run_dir / "data_splits.csv")
-    num_classes = len(folder.class_names)
+    data = data or prepare_data(cfg)
+    data.write_lists(run_dir)
+    folder, splits, dataset = data.folder, data.splits, data.info
+    num_classes = data.num_classes
     weights_source = resolve_weights(BACKBONES[cfg.backbone.name], cfg.backbone, cfg.weights_dir)
     print(f"{cfg.backbone.name} with weights: {weights_source}; {len(folder.paths)} images in {num_classes} classes")
     model = build_classifier(cfg, num_classes)
-
-    size, batch = cfg.backbone.input_size, cfg.data.batch_size
-    augmenter = make_augmenter(cfg.data.augment, cfg.seed)
-    train_ds = make_dataset(splits["train"], num_classes, size, batch, augmenter, seed=cfg.seed)
-    val_ds, test_ds = (make_dataset(splits[name], num_classes, size, batch) for name in ("val", "test"))
+    train_ds, val_ds, test_ds = data.datasets(cfg)
     class_weight = balanced_class_weight(splits["train"].labels, num_classes) if cfg.head.class_weight == "auto" else None
 
-    dataset = dataset_info(cfg.data.name, folder, splits)
     run_tags = {**(tags or {}), "run_dir": str(run_dir.resolve())}
-    with tracking.tracked_run(cfg.mlflow, state.get("mlflow_run_id"), run_tags) as run:
+    with tracking.tracked_run(cfg.mlflow, state.get("mlflow_run_id"), run_tags, nested=nested) as run:
         if not state.get("mlflow_run_id"):
             state.update(mlflow_run_id=run.info.run_id)
             mlflow.log_params(tracking.flatten(cfg))
@@ -88,7 +126,7 @@ def run_job(cfg: DictConfig, run_dir: Path, tags: dict[str, str] | None = None) 
         mlflow.log_params({f"latency.{k}": v for k, v in latency.as_dict().items() if k not in ("median_ms", "p90_ms")})
         for name in _ARTIFACTS:
             mlflow.log_artifact(str(run_dir / name))
-        example = load_images(splits["test"].paths[:1], size)
+        example = load_images(splits["test"].paths[:1], cfg.backbone.input_size)
         tracking.log_keras_model(model, example, cfg.export.register_model)
         if cfg.export.formats:
             export_run(cfg, model, folder.class_names, splits, dataset, run_dir / BUNDLE_DIR)
@@ -128,12 +166,7 @@ def _write_outputs(
 
 
 def _write_skipped(folder: ImageFolder, path: Path) -> None:
-    lines = [f"{file}\t{reason}" for file, reason in folder.skipped]
-    path.write_text("".join(line + "\n" for line in lines))
-    if folder.skipped:
-        print(f"Skipped {len(folder.skipped)} unusable file(s), listed in {path}:")
-        for line in lines[:5]:
-            print("  " + line)
+    path.write_text("".join(f"{file}\t{reason}\n" for file, reason in folder.skipped))
 
 
 def _write_splits(splits: dict[str, Split], folder: ImageFolder, path: Path) -> None:

@@ -42,19 +42,30 @@ def setup(mlflow_cfg: DictConfig) -> str:
 
 
 @contextlib.contextmanager
-def tracked_run(mlflow_cfg: DictConfig, run_id: str | None, tags: dict[str, str]) -> Iterator[mlflow.ActiveRun]:
+def tracked_run(
+    mlflow_cfg: DictConfig, run_id: str | None, tags: dict[str, str], nested: bool = False, run_name: str | None = None
+) -> Iterator[mlflow.ActiveRun]:
     """Start (or re-open, given run_id) the run; end it FINISHED, KILLED on interrupt, FAILED on error."""
     experiment_id = setup(mlflow_cfg)
-    run = mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name=mlflow_cfg.run_name, tags=tags)
+    run = mlflow.start_run(
+        run_id=run_id, experiment_id=experiment_id, run_name=run_name or mlflow_cfg.run_name, tags=tags, nested=nested
+    )
     try:
         yield run
     except KeyboardInterrupt:
-        mlflow.end_run(status="KILLED")
+        _end(run, "KILLED")
         raise
     except BaseException:
-        mlflow.end_run(status="FAILED")
+        _end(run, "FAILED")
         raise
-    mlflow.end_run(status="FINISHED")
+    _end(run, "FINISHED")
+
+
+def _end(run: mlflow.ActiveRun, status: str) -> None:
+    """End this run (and any nested run still open inside it)."""
+    while (active := mlflow.active_run()) is not None and active.info.run_id != run.info.run_id:
+        mlflow.end_run(status=status)
+    mlflow.end_run(status=status)
 
 
 class EpochMetrics(keras.callbacks.Callback):

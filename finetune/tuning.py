@@ -1,0 +1,157 @@
+"""`mode=tune`: Keras-Tuner search over alpha, dropout (and more), with accuracy AND latency per trial."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import keras
+import keras_tuner as kt
+import mlflow
+from omegaconf import DictConfig, OmegaConf
+
+from finetune import cost, tracking
+from finetune.backbones import BACKBONES, imagenet_alphas
+from finetune.model import build_classifier
+from finetune.run import PreparedData, prepare_data, run_job
+from finetune.trainer import RunState, train_two_phases
+
+OBJECTIVE = kt.Objective("val_accuracy", direction="max")
+
+
+class FinetuneHyperModel(kt.HyperModel):
+    """The search space from `tuner.*`, over the project's own classifier builder."""
+
+    def __init__(self, cfg: DictConfig, num_classes: int) -> None:
+        super().__init__(name="finetune")
+        self.cfg = cfg
+        self.num_classes = num_classes
+
+    def trial_config(self, hp: kt.HyperParameters) -> DictConfig:
+        """The run config of one trial (declares the hyperparameters on first use)."""
+        cfg, search = copy.deepcopy(self.cfg), self.cfg.tuner
+        alphas = search_alphas(cfg)
+        if alphas:
+            cfg.backbone.alpha = hp.Choice("alpha", alphas)
+        cfg.head.dropout = hp.Float("dropout", search.dropout.min, search.dropout.max, step=search.dropout.step)
+        for key, target in (("learning_rate", "train.phase1.learning_rate"),
+                            ("unfreeze_blocks", "backbone.unfreeze_blocks"),
+                            ("input_size", "backbone.input_size")):
+            if search[key]:
+                OmegaConf.update(cfg, target, hp.Choice(key, list(search[key])))
+        cfg.train.phase1.epochs = hp.values.get("tuner/epochs", search.phase1_epochs)  # hyperband sets the budget
+        cfg.train.phase2.epochs = search.phase2_epochs
+        return cfg
+
+    def build(self, hp: kt.HyperParameters) -> keras.Model:
+        return build_classifier(self.trial_config(hp), self.num_classes)
+
+
+def search_alphas(cfg: DictConfig) -> list[float]:
+    """tuner.alpha, or every alpha with ImageNet weights for the family; [] for families without alpha."""
+    spec = BACKBONES[cfg.backbone.name]
+    if "alpha" not in spec.extra_kwargs:
+        return []
+    return [float(a) for a in cfg.tuner.alpha] if cfg.tuner.alpha else list(imagenet_alphas(spec, cfg.backbone))
+
+
+class TwoPhaseTuner(kt.Tuner):
+    """A trial is one short two-phase run: trained, timed, and recorded as a nested MLflow run."""
+
+    def __init__(self, cfg: DictConfig, data: PreparedData, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.cfg = cfg
+        self.data = data
+
+    def run_trial(self, trial: kt.engine.trial.Trial, *args: Any, **kwargs: Any) -> dict[str, float]:
+        keras.backend.clear_session()  # memory stays flat from trial to trial
+        hp = trial.hyperparameters
+        trial_cfg = self.hypermodel.trial_config(hp)
+        keras.utils.set_random_seed(trial_cfg.seed)
+        model = self.hypermodel.build(hp)
+        trial_dir = Path(self.get_trial_dir(trial.trial_id))
+        train_ds, val_ds, _ = self.data.datasets(trial_cfg)
+        with tracking.tracked_run(self.cfg.mlflow, None, {"trial_id": trial.trial_id, "kind": "trial"},
+                                  nested=True, run_name=f"trial {trial.trial_id}"):
+            mlflow.log_params({f"hp.{k}": v for k, v in hp.values.items()})
+            mlflow.log_params({"backbone.name": trial_cfg.backbone.name, "backbone.input_size": trial_cfg.backbone.input_size})
+            phases = train_two_phases(model, trial_cfg, train_ds, val_ds, trial_dir, RunState(trial_dir / "state.json"))
+            latency = cost.measure_latency(model, self.cfg.latency.warmup, self.cfg.latency.runs)
+            budget = self.cfg.tuner.max_latency_ms
+            metrics = {
+                "val_accuracy": max(result.best_val_accuracy for result in phases.values()),
+                "latency_median_ms": latency.median_ms,
+                "latency_p90_ms": latency.p90_ms,
+                "params": float(model.count_params()),
+                "macs": float(cost.count_macs(model)),
+                "within_latency_budget": float(budget is None or latency.median_ms <= budget),
+            }
+            mlflow.log_metrics(metrics)
+        print(f"Trial {trial.trial_id}: val_accuracy {metrics['val_accuracy']:.3f}, "
+              f"latency {latency.median_ms:.1f} ms, {hp.values}", flush=True)
+        return metrics
+
+
+def make_oracle(search: DictConfig, seed: int) -> kt.Oracle:
+    """RandomSearch, BayesianOptimization or Hyperband, by tuner.algorithm."""
+    if search.algorithm == "bayesian":
+        return kt.oracles.BayesianOptimizationOracle(OBJECTIVE, max_trials=search.max_trials, seed=seed)
+    if search.algorithm == "hyperband":
+        return kt.oracles.HyperbandOracle(OBJECTIVE, max_epochs=search.max_epochs, factor=3, seed=seed)
+    return kt.oracles.RandomSearchOracle(OBJECTIVE, max_trials=search.max_trials, seed=seed)
+
+
+def best_within_budget(trials: list[kt.engine.trial.Trial], budget_ms: float | None) -> kt.engine.trial.Trial | None:
+    """The most accurate finished trial whose median latency is within the budget (trials come best first)."""
+    for trial in trials:
+        latency = trial.metrics.get_last_value("latency_median_ms")
+        if latency is not None and (budget_ms is None or latency <= budget_ms):
+            return trial
+    return None
+
+
+def tune_job(cfg: DictConfig, run_dir: Path, tags: dict[str, str] | None = None) -> dict[str, Any] | None:
+    """Search (or resume the search) in run_dir, then retrain and test the best trial within the budget."""
+    state = RunState(run_dir / "state.json")
+    data = prepare_data(cfg)
+    data.write_lists(run_dir)
+    hypermodel = FinetuneHyperModel(cfg, data.num_classes)
+    tuner = TwoPhaseTuner(
+        cfg,
+        data,
+        oracle=make_oracle(cfg.tuner, cfg.seed),
+        hypermodel=hypermodel,
+        directory=str(run_dir),
+        project_name="tuner",
+        overwrite=False,  # an interrupted search continues; finished trials are not trained again
+    )
+    with tracking.tracked_run(cfg.mlflow, state.get("mlflow_run_id"), {**(tags or {}), "kind": "search",
+                                                                        "run_dir": str(run_dir.resolve())}) as run:
+        if not state.get("mlflow_run_id"):
+            state.update(mlflow_run_id=run.info.run_id)
+            mlflow.log_params(tracking.flatten(cfg))
+        tuner.search()
+        finished = tuner.oracle.get_best_trials(num_trials=len(tuner.oracle.trials))
+        best = best_within_budget(finished, cfg.tuner.max_latency_ms)
+        mlflow.log_metrics({"trials": len(finished)})
+        if best is None:
+            print(f"No trial met tuner.max_latency_ms={cfg.tuner.max_latency_ms}; nothing retrained.")
+            mlflow.set_tag("best_trial", "none within the latency budget")
+            return None
+        mlflow.set_tag("best_trial", best.trial_id)
+        mlflow.log_params({f"best.{k}": v for k, v in best.hyperparameters.values.items()})
+        best_cfg = hypermodel.trial_config(best.hyperparameters)
+        best_cfg.train.phase1.epochs = cfg.train.phase1.epochs  # the full schedule
+        best_cfg.train.phase2.epochs = cfg.train.phase2.epochs
+        print(f"Best trial {best.trial_id} ({best.hyperparameters.values}); retraining with the full schedule.")
+        metrics = run_job(best_cfg, _best_dir(run_dir), tags={"kind": "best", "best_trial": best.trial_id},
+                          data=data, nested=True)
+        mlflow.log_metrics({f"best.{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+    return metrics
+
+
+def _best_dir(run_dir: Path) -> Path:
+    path = run_dir / "best"
+    path.mkdir(exist_ok=True)
+    return path
