@@ -1,4 +1,4 @@
-"""Command line: `finetune key=value ...` (Hydra overrides) and `finetune summary|export|predict ...`.
+"""Command line: `finetune key=value ...` (Hydra overrides) and `finetune summary|export|predict|report ...`.
 
 Config errors exit 2 with one line.
 """
@@ -19,7 +19,12 @@ from finetune import interrupts
 from finetune.artifacts import ExportError
 from finetune.config import CONF_DIR, UsageError, compose, validate
 
-SUBCOMMANDS = {"summary": "finetune.summary", "export": "finetune.export", "predict": "finetune.predict"}
+SUBCOMMANDS = {
+    "summary": "finetune.summary",
+    "export": "finetune.export",
+    "predict": "finetune.predict",
+    "report": "finetune.report",
+}
 USAGE_EXIT = 2
 INTERRUPT_EXIT = 130
 

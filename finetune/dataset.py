@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 from sklearn.model_selection import train_test_split
 
+from finetune import interrupts
 from finetune.config import UsageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
@@ -48,6 +49,7 @@ def scan_folder(root: str | Path) -> ImageFolder:
     for label, class_dir in enumerate(class_dirs):
         usable = 0
         for path in sorted(p for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            interrupts.check()
             reason = _unusable_reason(path)
             if reason:
                 folder.skipped.append((str(path), reason))

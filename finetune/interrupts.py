@@ -1,13 +1,11 @@
-"""Ctrl-C and `kill` stop a run cleanly: during training, only between steps, never inside a checkpoint write."""
+"""Ctrl-C and `kill` stop a run at the next safe point (between training steps, between trials, between
+stages), never inside a checkpoint write or a library callback. A second signal stops at once."""
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import sys
-from collections.abc import Iterator
 
-_deferring = False
 _pending = False
 
 
@@ -19,24 +17,13 @@ def install() -> None:
 
 def _handle(signum: int, frame: object) -> None:
     global _pending
-    if _deferring and not _pending:  # a second signal stops at once
-        _pending = True
-        print("\nStopping after the current training step (press Ctrl-C again to stop now)...", file=sys.stderr)
-        return
-    raise KeyboardInterrupt
+    if _pending:
+        raise KeyboardInterrupt
+    _pending = True
+    print("\nStopping at the next safe point (Ctrl-C again to stop now)...", file=sys.stderr, flush=True)
 
 
-@contextlib.contextmanager
-def deferred() -> Iterator[None]:
-    """Inside this block a signal only raises the flag that `stop_requested()` reads."""
-    global _deferring, _pending
-    _deferring, _pending = True, False
-    try:
-        yield
-    finally:
-        _deferring = False
-
-
-def stop_requested() -> bool:
-    """Whether a signal arrived inside a `deferred()` block."""
-    return _pending
+def check() -> None:
+    """A safe point: raise KeyboardInterrupt when a stop was asked for."""
+    if _pending:
+        raise KeyboardInterrupt

@@ -13,7 +13,7 @@ import mlflow
 import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
-from finetune import cost, tracking
+from finetune import cost, interrupts, tracking
 from finetune.backbones import BACKBONES
 from finetune.dataset import (
     SPLITS,
@@ -102,6 +102,7 @@ def run_job(
             mlflow.log_params({**{f"data.{k}": v for k, v in dataset.items() if k != "name"},
                                "backbone.weights_source": weights_source})
         phases = train_two_phases(model, cfg, train_ds, val_ds, run_dir, state, class_weight)
+        interrupts.check()
         final_val = evaluate(model, val_ds, folder.class_names, cfg.evaluate.top_k)
         evaluation = evaluate(model, test_ds, folder.class_names, cfg.evaluate.top_k)
         latency = cost.measure_latency(model, cfg.latency.warmup, cfg.latency.runs)
@@ -128,6 +129,7 @@ def run_job(
             mlflow.log_artifact(str(run_dir / name))
         example = load_images(splits["test"].paths[:1], cfg.backbone.input_size)
         tracking.log_keras_model(model, example, cfg.export.register_model)
+        interrupts.check()
         if cfg.export.formats:
             export_run(cfg, model, folder.class_names, splits, dataset, run_dir / BUNDLE_DIR)
         state.update(finished=True)

@@ -79,12 +79,10 @@ class StopOnSignal(keras.callbacks.Callback):
     """Raises KeyboardInterrupt at a step or epoch boundary once Ctrl-C or `kill` arrived."""
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        if interrupts.stop_requested():
-            raise KeyboardInterrupt
+        interrupts.check()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        if interrupts.stop_requested():
-            raise KeyboardInterrupt
+        interrupts.check()
 
 
 @dataclass
@@ -195,17 +193,16 @@ def _run_phase(
     ]
     print(f"Phase {phase}: epochs {initial_epoch + 1}..{epochs}", flush=True)
     started = time.perf_counter()
-    with interrupts.deferred():
-        model.fit(
-            train_ds,
-            validation_data=val_ds,
-            initial_epoch=initial_epoch,
-            epochs=epochs,
-            callbacks=callbacks,
-            class_weight=class_weight,
-            shuffle=False,  # the training dataset shuffles itself
-            verbose=1 if sys.stdout.isatty() else 2,  # progress bars on a terminal, one line per epoch in logs
-        )
+    model.fit(
+        train_ds,
+        validation_data=val_ds,
+        initial_epoch=initial_epoch,
+        epochs=epochs,
+        callbacks=callbacks,
+        class_weight=class_weight,
+        shuffle=False,  # the training dataset shuffles itself
+        verbose=1 if sys.stdout.isatty() else 2,  # progress bars on a terminal, one line per epoch in logs
+    )
     phase_epochs = [rec["epoch"] for rec in state.history() if rec["phase"] == phase]
     result = PhaseResult(
         epochs=max(phase_epochs, default=initial_epoch),
@@ -213,4 +210,5 @@ def _run_phase(
         seconds=time.perf_counter() - started,
     )
     state.update(**{key: asdict(result)})
+    interrupts.check()  # a stop asked for after the last step boundary: the phase is recorded as done
     return result

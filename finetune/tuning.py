@@ -11,7 +11,7 @@ import keras_tuner as kt
 import mlflow
 from omegaconf import DictConfig, OmegaConf
 
-from finetune import cost, tracking
+from finetune import cost, interrupts, tracking
 from finetune.backbones import BACKBONES, imagenet_alphas
 from finetune.model import build_classifier
 from finetune.run import PreparedData, prepare_data, run_job
@@ -65,6 +65,7 @@ class TwoPhaseTuner(kt.Tuner):
         self.data = data
 
     def run_trial(self, trial: kt.engine.trial.Trial, *args: Any, **kwargs: Any) -> dict[str, float]:
+        interrupts.check()
         keras.backend.clear_session()  # memory stays flat from trial to trial
         hp = trial.hyperparameters
         trial_cfg = self.hypermodel.trial_config(hp)
@@ -87,7 +88,8 @@ class TwoPhaseTuner(kt.Tuner):
                 "macs": float(cost.count_macs(model)),
                 "within_latency_budget": float(budget is None or latency.median_ms <= budget),
             }
-            mlflow.log_metrics(metrics)
+            # per-epoch val_accuracy is already logged by step; the kept (best) value goes under its own name
+            mlflow.log_metrics({("final_val_accuracy" if k == "val_accuracy" else k): v for k, v in metrics.items()})
         print(f"Trial {trial.trial_id}: val_accuracy {metrics['val_accuracy']:.3f}, "
               f"latency {latency.median_ms:.1f} ms, {hp.values}", flush=True)
         return metrics
