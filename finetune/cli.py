@@ -68,8 +68,10 @@ def _hydra_app(cfg: DictConfig) -> None:
 
             run_job(cfg, run_dir, tags)
     except UsageError as error:
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            raise  # Hydra runs the sweep's other jobs, then reports this one
+        if hydra_cfg.mode == RunMode.MULTIRUN:  # this job stops; the sweep's other jobs go on
+            print(f"finetune: error in job {hydra_cfg.job.num} ({' '.join(hydra_cfg.overrides.task)}): {error}",
+                  file=sys.stderr)
+            return
         if fresh:
             shutil.rmtree(run_dir, ignore_errors=True)
         fail(error)

@@ -86,9 +86,10 @@ def resolve_run_dir(run: str, tracking_uri: str) -> Path:
     path = Path(run).expanduser()
     if path.is_dir():
         return path
-    store = tracking_uri.removeprefix("sqlite:///")
-    if tracking_uri.startswith("sqlite:///") and not Path(store).is_file():
-        raise UsageError(f"run={run} is neither a run directory nor an MLflow run id (no MLflow store at {store})")
+    try:
+        tracking.require_store(tracking_uri)
+    except UsageError as error:
+        raise UsageError(f"run={run} is neither a run directory nor an MLflow run id ({error})") from None
     try:
         tags = mlflow.MlflowClient(tracking_uri).get_run(run).data.tags
     except Exception:  # MLflow raises its own error types for an unknown id or store
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="finetune export", description="Export a finished run's model as a bundle.")
     parser.add_argument("run", help="run directory (experiments/runs/...) or MLflow run id")
     parser.add_argument("--formats", help="comma-separated formats (default: the run's export.formats)")
-    parser.add_argument("--tracking-uri", default="sqlite:///experiments/mlflow.db", help="to look up an MLflow run id")
+    parser.add_argument("--tracking-uri", default=tracking.DEFAULT_STORE, help="to look up an MLflow run id")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         run_dir = resolve_run_dir(args.run, args.tracking_uri)

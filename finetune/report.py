@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 
+from finetune import tracking  # noqa: E402
 from finetune.config import UsageError  # noqa: E402
 
 SKIPPED_KINDS = ("search", "report")  # parents and earlier reports carry no model of their own
@@ -141,14 +142,12 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="finetune report", description=__doc__)
     parser.add_argument("experiment", help="MLflow experiment name (mlflow.experiment of the runs)")
-    parser.add_argument("--tracking-uri", default="sqlite:///experiments/mlflow.db")
+    parser.add_argument("--tracking-uri", default=tracking.DEFAULT_STORE)
     parser.add_argument("--out", type=Path, help="folder for runs.csv, runs.md, pareto.png "
                                                   "(default experiments/reports/EXPERIMENT)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    store = args.tracking_uri.removeprefix("sqlite:///")
     try:
-        if args.tracking_uri.startswith("sqlite:///") and not Path(store).is_file():
-            raise UsageError(f"no MLflow store at {store}; pass --tracking-uri")
+        tracking.require_store(args.tracking_uri)
         report(args.experiment, args.tracking_uri, args.out or Path("experiments/reports") / args.experiment)
     except UsageError as error:
         fail(error)

@@ -13,6 +13,18 @@ import mlflow.tensorflow
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from finetune.config import UsageError
+
+
+DEFAULT_STORE = "sqlite:///experiments/mlflow.db"  # the default store, seen from the project folder
+
+
+def require_store(tracking_uri: str) -> None:
+    """Refuse a SQLite store that does not exist (MLflow would create an empty one)."""
+    path = tracking_uri.removeprefix("sqlite:///")
+    if tracking_uri.startswith("sqlite:///") and not Path(path).is_file():
+        raise UsageError(f"no MLflow store at {path}; pass --tracking-uri")
+
 
 def flatten(cfg: DictConfig) -> dict[str, Any]:
     """Resolved config as flat `a.b.c` params (lists as strings)."""
