@@ -6,7 +6,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import tensorflow as tf
 
 from finetune.config import UsageError
 

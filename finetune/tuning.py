@@ -74,7 +74,7 @@ class TwoPhaseTuner(kt.Tuner):
         trial_dir = Path(self.get_trial_dir(trial.trial_id))
         train_ds, val_ds, _ = self.data.datasets(trial_cfg)
         with tracking.tracked_run(self.cfg.mlflow, None, {"trial_id": trial.trial_id, "kind": "trial"},
-                                  nested=True, run_name=f"trial {trial.trial_id}"):
+                                  nested=True, run_name=f"{trial_cfg.backbone.name} trial {trial.trial_id}"):
             mlflow.log_params({f"hp.{k}": v for k, v in hp.values.items()})
             mlflow.log_params({"backbone.name": trial_cfg.backbone.name, "backbone.input_size": trial_cfg.backbone.input_size})
             phases = train_two_phases(model, trial_cfg, train_ds, val_ds, trial_dir, RunState(trial_dir / "state.json"))
@@ -146,6 +146,7 @@ def tune_job(cfg: DictConfig, run_dir: Path, tags: dict[str, str] | None = None)
         best_cfg = hypermodel.trial_config(best.hyperparameters)
         best_cfg.train.phase1.epochs = cfg.train.phase1.epochs  # the full schedule
         best_cfg.train.phase2.epochs = cfg.train.phase2.epochs
+        best_cfg.mlflow.run_name = f"{best_cfg.backbone.name} best (trial {best.trial_id})"
         print(f"Best trial {best.trial_id} ({best.hyperparameters.values}); retraining with the full schedule.")
         metrics = run_job(best_cfg, _best_dir(run_dir), tags={"kind": "best", "best_trial": best.trial_id},
                           data=data, nested=True)
