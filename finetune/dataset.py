@@ -62,15 +62,22 @@ def scan_folder(root: str | Path) -> ImageFolder:
     return folder
 
 
+DECODE_ERRORS = (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, tf.errors.UnknownError)
+
+
+def decode_error_reason(error: tf.errors.OpError) -> str:
+    """A decoding failure in one short line, without TensorFlow's op-name prefix."""
+    return " ".join(error.message.split("}}")[-1].split())[:120]
+
+
 def _unusable_reason(path: Path) -> str | None:
     """Why this file cannot be trained on, or None when it decodes as an image."""
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
         return f"not an image file type ({path.suffix or 'no extension'})"
     try:
         image = tf.io.decode_image(tf.io.read_file(str(path)), channels=3, expand_animations=False)
-    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, tf.errors.UnknownError) as error:
-        message = error.message.split("}}")[-1]  # drop TensorFlow's op-name prefix
-        return "cannot be decoded: " + " ".join(message.split())[:120]
+    except DECODE_ERRORS as error:
+        return "cannot be decoded: " + decode_error_reason(error)
     if image.shape[0] == 0 or image.shape[1] == 0:
         return "empty image"
     return None

@@ -53,7 +53,7 @@ def predict_files(bundle: Path, fmt: str, files: list[Path], top_k: int) -> list
     import tensorflow as tf
 
     from finetune.artifacts import load_predictor
-    from finetune.dataset import load_image
+    from finetune.dataset import DECODE_ERRORS, decode_error_reason, load_image
 
     labels = (bundle / "labels.txt").read_text().splitlines()
     size = json.loads((bundle / "metadata.json").read_text())["input_size"]
@@ -62,9 +62,8 @@ def predict_files(bundle: Path, fmt: str, files: list[Path], top_k: int) -> list
     for path in files:
         try:
             image = load_image(tf.constant(str(path)), size).numpy()
-        except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as error:
-            reason = " ".join(error.message.split("}}")[-1].split())[:120]
-            records.append({"path": str(path), "error": f"not a readable image ({reason})"})
+        except DECODE_ERRORS as error:
+            records.append({"path": str(path), "error": f"not a readable image ({decode_error_reason(error)})"})
             continue
         probabilities = predictor(image[None])[0]
         best = probabilities.argsort()[::-1][: min(top_k, len(labels))]
