@@ -27,6 +27,7 @@ SUBCOMMANDS = {
 }
 USAGE_EXIT = 2
 INTERRUPT_EXIT = 130
+failed_jobs: list[str] = []  # multirun jobs stopped by a config error; the sweep exits 2 after the others ran
 
 
 def fail(error: UsageError) -> None:
@@ -49,6 +50,9 @@ def main(argv: list[str] | None = None) -> None:
     interrupts.install()  # Ctrl-C and `kill`: state saved, MLflow run marked KILLED, resume command printed
     sys.argv = [sys.argv[0], *argv]
     _hydra_app()
+    if failed_jobs:
+        print(f"finetune: {len(failed_jobs)} sweep job(s) failed: {', '.join(failed_jobs)}", file=sys.stderr)
+        sys.exit(USAGE_EXIT)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
@@ -71,6 +75,7 @@ def _hydra_app(cfg: DictConfig) -> None:
         if hydra_cfg.mode == RunMode.MULTIRUN:  # this job stops; the sweep's other jobs go on
             print(f"finetune: error in job {hydra_cfg.job.num} ({' '.join(hydra_cfg.overrides.task)}): {error}",
                   file=sys.stderr)
+            failed_jobs.append(str(hydra_cfg.job.num))
             return
         if fresh:
             shutil.rmtree(run_dir, ignore_errors=True)

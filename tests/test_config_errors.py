@@ -25,6 +25,7 @@ FLOWERS = f"data.path={SHARED_FLOWERS}"
         (["backbone.alpah=0.5", FLOWERS], ["alpah"]),
         (["head.pooling=median", FLOWERS], ["head.pooling=median", "avg or max"]),
         (["train.phase1.optimizer=lion", FLOWERS], ["lion", "adam"]),
+        (["train.phase2.clipvalue=0", FLOWERS], ["clipvalue=0", "null or a number > 0"]),
         (["backbone.weights=/no/such/file.h5", FLOWERS], ["/no/such/file.h5", "imagenet, null"]),
     ],
 )

@@ -117,8 +117,9 @@ def test_multirun_invalid_job_fails_alone(tmp_path: Path, tiny_images: Path) -> 
          f"hydra.sweep.dir={tmp_path / 'sweep'}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )
-    assert result.returncode == 0, result.stderr[-2000:]  # the sweep finishes; the bad job says why
+    assert result.returncode == 2, result.stderr[-2000:]  # the sweep finishes, then reports the bad job
     assert "finetune: error in job 0 (" in result.stderr
+    assert result.stderr.rstrip().endswith("finetune: 1 sweep job(s) failed: 0")
     assert "backbone.unfreeze_blocks=99 is out of range" in result.stderr
     assert "Traceback" not in result.stderr
     jobs = runs_by_kind(tmp_path)["run"]
