@@ -46,6 +46,8 @@ def validate(cfg: DictConfig) -> None:
     _validate_data(cfg.data)
     _validate_train(cfg.train)
     validate_export(cfg.export)
+    if not isinstance(cfg.deterministic, bool):
+        raise UsageError(f"deterministic={cfg.deterministic} must be true or false")
     if cfg.mode not in MODES:
         raise UsageError(f"mode={cfg.mode} is unknown; choose one of: {', '.join(MODES)}")
     if cfg.mode == "tune":

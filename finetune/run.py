@@ -71,6 +71,13 @@ def prepare_data(cfg: DictConfig) -> PreparedData:
     return PreparedData(folder, splits, dataset_info(cfg.data.name, folder, splits))
 
 
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed Python, NumPy and TensorFlow; `deterministic` also makes TensorFlow's ops deterministic (slower)."""
+    keras.utils.set_random_seed(seed)
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+
 def run_job(
     cfg: DictConfig,
     run_dir: Path,
@@ -83,7 +90,7 @@ def run_job(
     if state.get("finished"):
         print(f"This run already finished; its results are in {run_dir} (metrics.json).")
         return json.loads((run_dir / "metrics.json").read_text())
-    keras.utils.set_random_seed(cfg.seed)
+    seed_everything(cfg.seed, cfg.deterministic)
     data = data or prepare_data(cfg)
     data.write_lists(run_dir)
     folder, splits, dataset = data.folder, data.splits, data.info

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from finetune import cost, interrupts, tracking
 from finetune.backbones import BACKBONES, imagenet_alphas
 from finetune.model import build_classifier
-from finetune.run import PreparedData, prepare_data, run_job
+from finetune.run import PreparedData, prepare_data, run_job, seed_everything
 from finetune.trainer import RunState, train_two_phases
 
 OBJECTIVE = kt.Objective("val_accuracy", direction="max")
@@ -69,7 +69,7 @@ class TwoPhaseTuner(kt.Tuner):
         keras.backend.clear_session()  # memory stays flat from trial to trial
         hp = trial.hyperparameters
         trial_cfg = self.hypermodel.trial_config(hp)
-        keras.utils.set_random_seed(trial_cfg.seed)
+        seed_everything(trial_cfg.seed, trial_cfg.deterministic)
         model = self.hypermodel.build(hp)
         trial_dir = Path(self.get_trial_dir(trial.trial_id))
         train_ds, val_ds, _ = self.data.datasets(trial_cfg)

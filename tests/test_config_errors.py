@@ -26,6 +26,7 @@ FLOWERS = f"data.path={SHARED_FLOWERS}"
         (["head.pooling=median", FLOWERS], ["head.pooling=median", "avg or max"]),
         (["train.phase1.optimizer=lion", FLOWERS], ["lion", "adam"]),
         (["train.phase2.clipvalue=0", FLOWERS], ["clipvalue=0", "null or a number > 0"]),
+        (["deterministic=maybe", FLOWERS], ["deterministic=maybe", "true or false"]),
         (["backbone.weights=/no/such/file.h5", FLOWERS], ["/no/such/file.h5", "imagenet, null"]),
     ],
 )

@@ -90,3 +90,19 @@ def test_summary_prints_costs_and_block_map(tmp_path: Path) -> None:
     trainable = [line.split()[0] for line in lines if line.endswith("trainable")]
     assert trainable == ["block_14", "block_15", "block_16", "final"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_deterministic_runs_repeat_exactly(tmp_path: Path, flower_subset: Path) -> None:
+    weights = SHARED_WEIGHTS / "mobilenet_v3_small_1.0_224_no_top__dequant_slim_uint8_tflite.h5"
+    histories = []
+    for name in ("first", "second"):
+        result = cli(
+            "backbone=mobilenet_v3_small", f"backbone.weights={weights}", "backbone.input_size=64",
+            f"data.path={flower_subset}", "data.batch_size=16", "train.phase1.epochs=1", "train.phase2.epochs=1",
+            "latency.runs=2", "export.formats=[]", "deterministic=true", f"hydra.run.dir={tmp_path / name}",
+            cwd=tmp_path,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        histories.append(json.loads((tmp_path / name / "state.json").read_text())["epochs"])
+    assert len(histories[0]) == 2
+    assert histories[0] == histories[1]  # every loss and accuracy of every epoch, to the last bit
