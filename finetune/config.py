@@ -138,7 +138,7 @@ def _validate_train(train: DictConfig) -> None:
     if not 0 <= train.phase2.momentum < 1:
         raise UsageError(f"train.phase2.momentum={train.phase2.momentum} must be in [0, 1)")
     clipvalue = train.phase2.clipvalue
-    if clipvalue is not None and not (isinstance(clipvalue, (int, float)) and clipvalue > 0):
+    if clipvalue is not None and (isinstance(clipvalue, bool) or not isinstance(clipvalue, (int, float)) or clipvalue <= 0):
         raise UsageError(f"train.phase2.clipvalue={clipvalue} must be null or a number > 0")
     patience = train.early_stopping_patience
     if not isinstance(patience, int) or patience < 1:

@@ -138,7 +138,7 @@ def phase2_optimizer(phase2_cfg: Any, steps_per_epoch: int) -> keras.optimizers.
     """SGD with momentum at the phase's (low) rate; each gradient element clipped to +-clipvalue when set.
 
     Clipping element-wise tames the few channels whose huge downstream weights (e.g. the folded-BatchNorm
-    MobileNetV3Small approximation) give their inputs gradients ~100x the rest, without slowing the others.
+    MobileNetV3Small approximation) give their inputs gradients ~90x the rest, without slowing the others.
     """
     return keras.optimizers.SGD(
         learning_rate=learning_rate(phase2_cfg, steps_per_epoch),

@@ -10,9 +10,9 @@ from omegaconf import OmegaConf
 from finetune.trainer import phase2_optimizer
 
 
-def one_step(clipvalue: float | None, gradient: list[float], momentum: float = 0.0) -> np.ndarray:
-    """The change one SGD step makes to a zero variable given this gradient."""
-    cfg = OmegaConf.create({"learning_rate": 0.5, "momentum": momentum, "schedule": "constant", "epochs": 1,
+def one_step(clipvalue: float | None, gradient: list[float]) -> np.ndarray:
+    """The change one SGD step (rate 0.5, no momentum) makes to a zero variable given this gradient."""
+    cfg = OmegaConf.create({"learning_rate": 0.5, "momentum": 0.0, "schedule": "constant", "epochs": 1,
                             "clipvalue": clipvalue})
     optimizer = phase2_optimizer(cfg, steps_per_epoch=1)
     variable = keras.Variable(np.zeros(len(gradient), "float32"))
