@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -101,8 +102,11 @@ def log_keras_model(model: keras.Model, example: np.ndarray, registered_name: st
     example = example.astype("float32")
     signature = mlflow.models.infer_signature(example, np.asarray(model(example, training=False)))
     # mlflow.tensorflow, not mlflow.keras: the latter fails with an input example (mlflow issue 16183)
+    # Stating the requirements skips MLflow's inference, which reloads the model in a subprocess (~8 s).
+    requirements = [f"{package}=={version(package)}" for package in ("tensorflow", "keras")]
     info = mlflow.tensorflow.log_model(
-        model, name="model", signature=signature, input_example=example, registered_model_name=registered_name
+        model, name="model", signature=signature, input_example=example, registered_model_name=registered_name,
+        pip_requirements=requirements,
     )
     if registered_name and info.registered_model_version is not None:
         mlflow.MlflowClient().set_registered_model_alias(registered_name, REGISTRY_ALIAS, str(info.registered_model_version))

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import mlflow
@@ -67,6 +68,10 @@ def test_full_run_leaves_outputs_and_one_mlflow_run(tmp_path: Path, tiny_images:
     assert "export.tflite_int8.latency_median_ms" in run.data.metrics
     logged_models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
     assert [m.source_run_id for m in logged_models] == [run.info.run_id]  # the Keras model, with its signature
+    requirements = Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=f"{logged_models[0].artifact_location}/requirements.txt", dst_path=str(tmp_path / "logged")
+    )).read_text()
+    assert f"tensorflow=={version('tensorflow')}" in requirements and f"keras=={version('keras')}" in requirements
     assert sorted(p.name for p in (run_dir / "export").iterdir()) == [
         "labels.txt", "metadata.json", "model.keras", "model_card.md", "model_int8.tflite"]
 
