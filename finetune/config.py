@@ -165,17 +165,13 @@ def _validate_tuner(cfg: DictConfig) -> None:
             raise UsageError(f"tuner.{key}={search[key]} must be a whole number >= 1")
     if not 0 <= search.dropout.min <= search.dropout.max < 1:
         raise UsageError(f"tuner.dropout min={search.dropout.min} max={search.dropout.max} must satisfy 0 <= min <= max < 1")
-    alphas = imagenet_alphas(spec, cfg.backbone)
-    if search.alpha and alphas is None:
+    if search.alpha and imagenet_alphas(spec, cfg.backbone) is None:
         raise UsageError(f"tuner.alpha is set but {spec.name} has no alpha; leave it null")
-    if search.alpha and cfg.backbone.weights == "imagenet":
-        missing = [a for a in search.alpha if float(a) not in alphas]
-        if missing:
-            allowed = ", ".join(str(a) for a in alphas)
-            raise UsageError(f"tuner.alpha has {missing} without ImageNet weights for {spec.name}; allowed: {allowed} (or backbone.weights=null)")
-    for size in search.input_size or []:
-        if size < MIN_INPUT_SIZE or (cfg.backbone.weights == "imagenet" and spec.imagenet_sizes and size not in spec.imagenet_sizes):
-            raise UsageError(f"tuner.input_size has {size}, which {spec.name} cannot take with backbone.weights={cfg.backbone.weights}")
-    for blocks in search.unfreeze_blocks or []:
-        if not 0 <= blocks <= spec.num_blocks:
-            raise UsageError(f"tuner.unfreeze_blocks has {blocks}; {spec.name} has {spec.num_blocks} blocks (0..{spec.num_blocks})")
+    for key in ("alpha", "input_size", "unfreeze_blocks"):  # each value to try must make a valid backbone
+        for value in search[key] or []:
+            candidate = cfg.backbone.copy()
+            candidate[key] = value
+            try:
+                _validate_backbone(candidate)
+            except UsageError as error:
+                raise UsageError(f"tuner.{key} has {value}: {error}") from None

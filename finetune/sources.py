@@ -6,7 +6,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-
 from finetune.config import UsageError
 
 COMPLETE_MARKER = ".complete"

@@ -27,6 +27,10 @@ FLOWERS = f"data.path={SHARED_FLOWERS}"
         (["train.phase1.optimizer=lion", FLOWERS], ["lion", "adam"]),
         (["train.phase2.clipvalue=0", FLOWERS], ["clipvalue=0", "null or a number > 0"]),
         (["deterministic=maybe", FLOWERS], ["deterministic=maybe", "true or false"]),
+        (["mode=tune", "backbone=mobilenet_v2", "tuner.alpha=[0.35,0.4]", FLOWERS], ["tuner.alpha has 0.4", "0.35, 0.5"]),
+        (["mode=tune", "backbone=mobilenet_v2", "tuner.input_size=[100]", FLOWERS], ["tuner.input_size has 100", "96, 128"]),
+        (["mode=tune", "tuner.unfreeze_blocks=[2,99]", FLOWERS], ["tuner.unfreeze_blocks has 99", "0..15"]),
+        (["mode=tune", "backbone=efficientnet_b0", "tuner.alpha=[1.0]", FLOWERS], ["tuner.alpha is set", "no alpha"]),
         (["backbone.weights=/no/such/file.h5", FLOWERS], ["/no/such/file.h5", "imagenet, null"]),
     ],
 )
