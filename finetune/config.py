@@ -70,7 +70,7 @@ def _validate_backbone(bb: DictConfig) -> None:
     size = bb.input_size
     if not isinstance(size, int) or size < MIN_INPUT_SIZE:
         raise UsageError(f"backbone.input_size={size} is too small; it must be a whole number >= {MIN_INPUT_SIZE}")
-    if "alpha" in bb and not (isinstance(bb.alpha, (int, float)) and bb.alpha > 0):
+    if "alpha" in bb and not (_is_number(bb.alpha) and bb.alpha > 0):
         raise UsageError(f"backbone.alpha={bb.alpha} must be a number > 0")
     if bb.weights == "imagenet":
         _validate_imagenet(spec, bb)
@@ -111,6 +111,21 @@ def _validate_data(data: DictConfig) -> None:
         )
     if not isinstance(data.batch_size, int) or data.batch_size < 1:
         raise UsageError(f"data.batch_size={data.batch_size} must be a whole number >= 1")
+    _validate_augment(data.augment)
+
+
+def _validate_augment(augment: DictConfig) -> None:
+    if not isinstance(augment.flip, bool):
+        raise UsageError(f"data.augment.flip={augment.flip} must be true or false")
+    for knob in ("rotation", "zoom"):
+        if not _is_number(augment[knob]) or not 0 <= augment[knob] < 1:
+            raise UsageError(f"data.augment.{knob}={augment[knob]} must be a number in [0, 1) (0: off)")
+    if not _is_number(augment.mixup) or augment.mixup < 0:
+        raise UsageError(f"data.augment.mixup={augment.mixup} must be a number >= 0 (0: off)")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _validate_head(head: DictConfig) -> None:
@@ -138,7 +153,7 @@ def _validate_train(train: DictConfig) -> None:
     if not 0 <= train.phase2.momentum < 1:
         raise UsageError(f"train.phase2.momentum={train.phase2.momentum} must be in [0, 1)")
     clipvalue = train.phase2.clipvalue
-    if clipvalue is not None and (isinstance(clipvalue, bool) or not isinstance(clipvalue, (int, float)) or clipvalue <= 0):
+    if clipvalue is not None and (not _is_number(clipvalue) or clipvalue <= 0):
         raise UsageError(f"train.phase2.clipvalue={clipvalue} must be null or a number > 0")
     patience = train.early_stopping_patience
     if not isinstance(patience, int) or patience < 1:

@@ -6,7 +6,7 @@ import csv
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import keras
 import numpy as np
@@ -18,6 +18,7 @@ from finetune.config import UsageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 SPLITS = ("train", "val", "test")
+Augmenter = Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]  # (images, labels) batch in and out
 
 
 @dataclass
@@ -139,8 +140,8 @@ def read_splits(csv_path: Path, root: Path, class_names: list[str]) -> dict[str,
     return splits
 
 
-def make_augmenter(augment_cfg: Any, seed: int) -> keras.Sequential | None:
-    """Random flip/rotation/zoom layers, applied in tf.data so they never end up in an exported model."""
+def make_augmenter(augment_cfg: Any, seed: int) -> Augmenter | None:
+    """Random flip/rotation/zoom, then MixUp of images and labels; applied in tf.data, never exported."""
     layers = []
     if augment_cfg.flip:
         layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
@@ -148,7 +149,20 @@ def make_augmenter(augment_cfg: Any, seed: int) -> keras.Sequential | None:
         layers.append(keras.layers.RandomRotation(augment_cfg.rotation, fill_mode="reflect", seed=seed))
     if augment_cfg.zoom:
         layers.append(keras.layers.RandomZoom((-augment_cfg.zoom, augment_cfg.zoom), fill_mode="reflect", seed=seed))
-    return keras.Sequential(layers, name="augment") if layers else None
+    geometric = keras.Sequential(layers, name="augment") if layers else None
+    mixup = keras.layers.MixUp(alpha=augment_cfg.mixup, seed=seed) if augment_cfg.mixup else None
+    if geometric is None and mixup is None:
+        return None
+
+    def augment(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        if geometric is not None:
+            images = geometric(images, training=True)
+        if mixup is not None:
+            mixed = mixup({"images": images, "labels": labels}, training=True)
+            images, labels = mixed["images"], mixed["labels"]
+        return images, labels
+
+    return augment
 
 
 def make_dataset(
@@ -156,7 +170,7 @@ def make_dataset(
     num_classes: int,
     size: int,
     batch_size: int,
-    augmenter: keras.Sequential | None = None,
+    augmenter: Augmenter | None = None,
     seed: int = 0,
 ) -> tf.data.Dataset:
     """(float32 0..255 images, one-hot labels) batches; shuffled and augmented when given an augmenter."""
@@ -167,5 +181,5 @@ def make_dataset(
         ds = ds.shuffle(len(split.paths), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
     if augmenter is not None:
-        ds = ds.map(lambda x, y: (augmenter(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(augmenter, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)

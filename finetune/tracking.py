@@ -12,6 +12,7 @@ import keras
 import mlflow
 import mlflow.tensorflow
 import numpy as np
+from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.config import UsageError
@@ -20,10 +21,15 @@ from finetune.config import UsageError
 DEFAULT_STORE = "sqlite:///experiments/mlflow.db"  # the default store, seen from the project folder
 
 
+def _sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a local SQLite store; None for any other store."""
+    return Path(tracking_uri.removeprefix("sqlite:///")) if tracking_uri.startswith("sqlite:///") else None
+
+
 def require_store(tracking_uri: str) -> None:
     """Refuse a SQLite store that does not exist (MLflow would create an empty one)."""
-    path = tracking_uri.removeprefix("sqlite:///")
-    if tracking_uri.startswith("sqlite:///") and not Path(path).is_file():
+    path = _sqlite_path(tracking_uri)
+    if path is not None and not path.is_file():
         raise UsageError(f"no MLflow store at {path}; pass --tracking-uri")
 
 
@@ -43,8 +49,21 @@ def flatten(cfg: DictConfig) -> dict[str, Any]:
 
 
 def setup(mlflow_cfg: DictConfig) -> str:
-    """Point MLflow at the configured store and experiment; return the experiment id."""
+    """Point MLflow at the configured store and experiment; return the experiment id.
+
+    Jobs started together on a new SQLite store (a parallel sweep) would race to create MLflow's tables
+    and the experiment, so they take turns on a lock file beside the database.
+    """
     mlflow.set_tracking_uri(mlflow_cfg.tracking_uri)
+    path = _sqlite_path(mlflow_cfg.tracking_uri)
+    if path is None:
+        return _get_or_create_experiment(mlflow_cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{path}.lock"):
+        return _get_or_create_experiment(mlflow_cfg)
+
+
+def _get_or_create_experiment(mlflow_cfg: DictConfig) -> str:
     experiment = mlflow.get_experiment_by_name(mlflow_cfg.experiment)
     if experiment is not None:
         return experiment.experiment_id

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -82,10 +83,22 @@ def test_too_few_images_to_split_is_a_usage_error(tmp_path: Path) -> None:
 def test_augmentation_changes_training_batches_only(tiny_images: Path) -> None:
     folder = scan_folder(tiny_images)
     split = split_folder(folder, 0.2, 0.2, seed=0)["val"]
-    augment = make_augmenter(OmegaConf.create({"flip": True, "rotation": 0.2, "zoom": 0.2}), seed=1)
+    augment = make_augmenter(OmegaConf.create({"flip": True, "rotation": 0.2, "zoom": 0.2, "mixup": 0.0}), seed=1)
     plain = make_dataset(split, 3, 32, batch_size=64)
     first, second = (next(iter(plain))[0].numpy() for _ in range(2))
     np.testing.assert_array_equal(first, second)
     augmented = next(iter(make_dataset(split, 3, 32, batch_size=64, augmenter=augment)))[0].numpy()
     assert augmented.shape == first.shape
     assert not np.allclose(np.sort(augmented.ravel()), np.sort(first.ravel()))
+
+
+def test_mixup_blends_images_and_labels_with_the_same_weights() -> None:
+    off = {"flip": False, "rotation": 0.0, "zoom": 0.0}
+    assert make_augmenter(OmegaConf.create({**off, "mixup": 0.0}), seed=1) is None
+    mixup = make_augmenter(OmegaConf.create({**off, "mixup": 1.0}), seed=1)
+    labels = tf.one_hot(np.arange(32) % 3, 3)
+    images = tf.tile(100.0 * labels[:, None, None, :], (1, 8, 8, 1))  # channel c is 100 exactly for class c
+    mixed_images, mixed_labels = (t.numpy() for t in mixup(images, labels))
+    assert ((mixed_labels > 0.01) & (mixed_labels < 0.99)).any(axis=1).mean() > 0.5  # most are blends
+    np.testing.assert_allclose(mixed_labels.sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(mixed_images.mean(axis=(1, 2)), 100.0 * mixed_labels, atol=1e-3)

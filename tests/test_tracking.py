@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -55,3 +57,16 @@ def test_run_state_survives_a_reload_and_orders_epochs(tmp_path: Path) -> None:
     again = RunState(tmp_path / "state.json")
     assert [rec["epoch"] for rec in again.history()] == [1, 2, 10]
     assert again.best_val_accuracy() == 0.7
+
+
+def test_jobs_starting_together_on_a_new_sqlite_store_all_get_the_experiment(tmp_path: Path) -> None:
+    """Parallel sweep jobs (e.g. Hydra's joblib launcher) race to create MLflow's tables and the experiment."""
+    script = (
+        "import sys; from omegaconf import OmegaConf; from finetune.tracking import setup; "
+        f"print(setup(OmegaConf.create({dict(mlflow_cfg(tmp_path))!r})))"
+    )
+    jobs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(3)]
+    outputs = [job.communicate(timeout=300) for job in jobs]
+    assert [job.returncode for job in jobs] == [0] * 3, [err[-600:] for _, err in outputs]
+    assert len({out.strip() for out, _ in outputs}) == 1  # one experiment, the same id for every job
