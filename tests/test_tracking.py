@@ -62,7 +62,7 @@ def test_run_state_survives_a_reload_and_orders_epochs(tmp_path: Path) -> None:
 def test_jobs_starting_together_on_a_new_sqlite_store_all_get_the_experiment(tmp_path: Path) -> None:
     """Parallel sweep jobs (e.g. Hydra's joblib launcher) race to create MLflow's tables and the experiment."""
     script = (
-        "import sys; from omegaconf import OmegaConf; from finetune.tracking import setup; "
+        "from omegaconf import OmegaConf; from finetune.tracking import setup; "
         f"print(setup(OmegaConf.create({dict(mlflow_cfg(tmp_path))!r})))"
     )
     jobs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
