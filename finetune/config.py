@@ -117,9 +117,8 @@ def _validate_data(data: DictConfig) -> None:
 def _validate_augment(augment: DictConfig) -> None:
     if not isinstance(augment.flip, bool):
         raise UsageError(f"data.augment.flip={augment.flip} must be true or false")
-    for knob in ("rotation", "zoom"):
-        if not _is_number(augment[knob]) or not 0 <= augment[knob] < 1:
-            raise UsageError(f"data.augment.{knob}={augment[knob]} must be a number in [0, 1) (0: off)")
+    _check_fraction("data.augment.rotation", augment.rotation)
+    _check_fraction("data.augment.zoom", augment.zoom)
     if not _is_number(augment.mixup) or augment.mixup < 0:
         raise UsageError(f"data.augment.mixup={augment.mixup} must be a number >= 0 (0: off)")
 
@@ -128,11 +127,16 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _check_fraction(key: str, value: Any) -> None:
+    """Knobs such as dropout, momentum and zoom: a number in [0, 1)."""
+    if not (_is_number(value) and 0 <= value < 1):
+        raise UsageError(f"{key}={value} must be a number in [0, 1)")
+
+
 def _validate_head(head: DictConfig) -> None:
     if head.pooling not in ("avg", "max"):
         raise UsageError(f"head.pooling={head.pooling} is unknown; choose avg or max")
-    if not 0 <= head.dropout < 1:
-        raise UsageError(f"head.dropout={head.dropout} must be in [0, 1)")
+    _check_fraction("head.dropout", head.dropout)
     if any(not isinstance(u, int) or u < 1 for u in head.hidden_units):
         raise UsageError(f"head.hidden_units={list(head.hidden_units)} must be a list of whole numbers >= 1")
     if head.class_weight not in (None, "auto"):
@@ -144,22 +148,20 @@ def _validate_train(train: DictConfig) -> None:
         epochs = train[phase].epochs
         if not isinstance(epochs, int) or epochs < minimum:
             raise UsageError(f"train.{phase}.epochs={epochs} must be a whole number >= {minimum}")
-        if not train[phase].learning_rate > 0:
+        if not (_is_number(train[phase].learning_rate) and train[phase].learning_rate > 0):
             raise UsageError(f"train.{phase}.learning_rate={train[phase].learning_rate} must be > 0")
         if train[phase].schedule not in SCHEDULES:
             raise UsageError(f"train.{phase}.schedule={train[phase].schedule} is unknown; choose one of: {', '.join(SCHEDULES)}")
     if train.phase1.optimizer not in OPTIMIZERS:
         raise UsageError(f"train.phase1.optimizer={train.phase1.optimizer} is unknown; choose one of: {', '.join(OPTIMIZERS)}")
-    if not 0 <= train.phase2.momentum < 1:
-        raise UsageError(f"train.phase2.momentum={train.phase2.momentum} must be in [0, 1)")
+    _check_fraction("train.phase2.momentum", train.phase2.momentum)
     clipvalue = train.phase2.clipvalue
     if clipvalue is not None and (not _is_number(clipvalue) or clipvalue <= 0):
         raise UsageError(f"train.phase2.clipvalue={clipvalue} must be null or a number > 0")
     patience = train.early_stopping_patience
     if not isinstance(patience, int) or patience < 1:
         raise UsageError(f"train.early_stopping_patience={patience} must be a whole number >= 1")
-    if not 0 <= train.label_smoothing < 1:
-        raise UsageError(f"train.label_smoothing={train.label_smoothing} must be in [0, 1)")
+    _check_fraction("train.label_smoothing", train.label_smoothing)
 
 
 def validate_export(export: DictConfig) -> None:

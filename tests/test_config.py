@@ -21,9 +21,13 @@ FLOWERS = f"data.path={SHARED_FLOWERS}"
         ("data.augment.zoom=wide", "data.augment.zoom=wide must be a number in [0, 1)"),
         ("data.augment.mixup=-1", "data.augment.mixup=-1 must be a number >= 0"),
         ("data.augment.mixup=true", "data.augment.mixup=True must be a number >= 0"),
+        ("head.dropout=half", "head.dropout=half must be a number in [0, 1)"),
+        ("train.label_smoothing=1", "train.label_smoothing=1 must be a number in [0, 1)"),
+        ("train.phase2.momentum=high", "train.phase2.momentum=high must be a number in [0, 1)"),
+        ("train.phase1.learning_rate=fast", "train.phase1.learning_rate=fast must be > 0"),
     ],
 )
-def test_bad_augmentation_is_refused(override: str, expected: str) -> None:
+def test_bad_number_is_refused(override: str, expected: str) -> None:
     with pytest.raises(UsageError, match="^" + re.escape(expected)):
         validate(compose([FLOWERS, override]))
 
