@@ -70,8 +70,10 @@ def _validate_backbone(bb: DictConfig) -> None:
     size = bb.input_size
     if not isinstance(size, int) or size < MIN_INPUT_SIZE:
         raise UsageError(f"backbone.input_size={size} is too small; it must be a whole number >= {MIN_INPUT_SIZE}")
-    if "alpha" in bb and not (_is_number(bb.alpha) and bb.alpha > 0):
-        raise UsageError(f"backbone.alpha={bb.alpha} must be a number > 0")
+    if "alpha" in bb:
+        _check_positive("backbone.alpha", bb.alpha)
+    if "depth_multiplier" in bb:
+        _check_whole("backbone.depth_multiplier", bb.depth_multiplier, 1)
     if bb.weights == "imagenet":
         _validate_imagenet(spec, bb)
     elif bb.weights is not None and not Path(str(bb.weights)).is_file():
@@ -105,12 +107,11 @@ def _validate_data(data: DictConfig) -> None:
     if data.path is not None and not Path(os.path.expanduser(data.path)).is_dir():
         raise UsageError(f"data.path={data.path} is not a folder; give a folder with one subfolder per class")
     val, test = data.val_fraction, data.test_fraction
-    if not (0 < val < 1 and 0 < test < 1 and val + test < 1):
+    if not (_is_number(val) and _is_number(test) and 0 < val < 1 and 0 < test < 1 and val + test < 1):
         raise UsageError(
             f"data.val_fraction={val} and data.test_fraction={test} must each be in (0, 1) and sum to less than 1"
         )
-    if not isinstance(data.batch_size, int) or data.batch_size < 1:
-        raise UsageError(f"data.batch_size={data.batch_size} must be a whole number >= 1")
+    _check_whole("data.batch_size", data.batch_size, 1)
     _validate_augment(data.augment)
 
 
@@ -133,6 +134,18 @@ def _check_fraction(key: str, value: Any) -> None:
         raise UsageError(f"{key}={value} must be a number in [0, 1)")
 
 
+def _check_whole(key: str, value: Any, minimum: int) -> None:
+    """Counts such as epochs and batch size: a whole number (not true/false) >= minimum."""
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+        raise UsageError(f"{key}={value} must be a whole number >= {minimum}")
+
+
+def _check_positive(key: str, value: Any, optional: bool = False) -> None:
+    """Rates and limits such as learning rates: a number > 0 (or null when optional)."""
+    if not ((optional and value is None) or (_is_number(value) and value > 0)):
+        raise UsageError(f"{key}={value} must be {'null or ' if optional else ''}a number > 0")
+
+
 def _validate_head(head: DictConfig) -> None:
     if head.pooling not in ("avg", "max"):
         raise UsageError(f"head.pooling={head.pooling} is unknown; choose avg or max")
@@ -145,22 +158,15 @@ def _validate_head(head: DictConfig) -> None:
 
 def _validate_train(train: DictConfig) -> None:
     for phase, minimum in (("phase1", 1), ("phase2", 0)):
-        epochs = train[phase].epochs
-        if not isinstance(epochs, int) or epochs < minimum:
-            raise UsageError(f"train.{phase}.epochs={epochs} must be a whole number >= {minimum}")
-        if not (_is_number(train[phase].learning_rate) and train[phase].learning_rate > 0):
-            raise UsageError(f"train.{phase}.learning_rate={train[phase].learning_rate} must be > 0")
+        _check_whole(f"train.{phase}.epochs", train[phase].epochs, minimum)
+        _check_positive(f"train.{phase}.learning_rate", train[phase].learning_rate)
         if train[phase].schedule not in SCHEDULES:
             raise UsageError(f"train.{phase}.schedule={train[phase].schedule} is unknown; choose one of: {', '.join(SCHEDULES)}")
     if train.phase1.optimizer not in OPTIMIZERS:
         raise UsageError(f"train.phase1.optimizer={train.phase1.optimizer} is unknown; choose one of: {', '.join(OPTIMIZERS)}")
     _check_fraction("train.phase2.momentum", train.phase2.momentum)
-    clipvalue = train.phase2.clipvalue
-    if clipvalue is not None and (not _is_number(clipvalue) or clipvalue <= 0):
-        raise UsageError(f"train.phase2.clipvalue={clipvalue} must be null or a number > 0")
-    patience = train.early_stopping_patience
-    if not isinstance(patience, int) or patience < 1:
-        raise UsageError(f"train.early_stopping_patience={patience} must be a whole number >= 1")
+    _check_positive("train.phase2.clipvalue", train.phase2.clipvalue, optional=True)
+    _check_whole("train.early_stopping_patience", train.early_stopping_patience, 1)
     _check_fraction("train.label_smoothing", train.label_smoothing)
 
 
@@ -169,8 +175,7 @@ def validate_export(export: DictConfig) -> None:
     unknown = [fmt for fmt in export.formats if fmt not in FORMATS]
     if unknown:
         raise UsageError(f"export.formats has unknown {', '.join(unknown)}; choose from: {', '.join(FORMATS)}")
-    if not isinstance(export.representative_images, int) or export.representative_images < 1:
-        raise UsageError(f"export.representative_images={export.representative_images} must be a whole number >= 1")
+    _check_whole("export.representative_images", export.representative_images, 1)
 
 
 def _validate_tuner(cfg: DictConfig) -> None:
@@ -178,10 +183,19 @@ def _validate_tuner(cfg: DictConfig) -> None:
     if search.algorithm not in ALGORITHMS:
         raise UsageError(f"tuner.algorithm={search.algorithm} is unknown; choose one of: {', '.join(ALGORITHMS)}")
     for key in ("max_trials", "max_epochs", "phase1_epochs"):
-        if not isinstance(search[key], int) or search[key] < 1:
-            raise UsageError(f"tuner.{key}={search[key]} must be a whole number >= 1")
-    if not 0 <= search.dropout.min <= search.dropout.max < 1:
-        raise UsageError(f"tuner.dropout min={search.dropout.min} max={search.dropout.max} must satisfy 0 <= min <= max < 1")
+        _check_whole(f"tuner.{key}", search[key], 1)
+    _check_whole("tuner.phase2_epochs", search.phase2_epochs, 0)
+    _check_positive("tuner.max_latency_ms", search.max_latency_ms, optional=True)
+    _check_fraction("tuner.dropout.min", search.dropout.min)
+    _check_fraction("tuner.dropout.max", search.dropout.max)
+    _check_positive("tuner.dropout.step", search.dropout.step, optional=True)  # null: continuous
+    if search.dropout.min > search.dropout.max:
+        raise UsageError(f"tuner.dropout min={search.dropout.min} max={search.dropout.max} must satisfy min <= max")
+    for key in ("alpha", "learning_rate", "input_size", "unfreeze_blocks"):
+        if search[key] is not None and not OmegaConf.is_list(search[key]):
+            raise UsageError(f"tuner.{key}={search[key]} must be null or a list of values to try, e.g. [{search[key]}]")
+    if any(not (_is_number(rate) and rate > 0) for rate in search.learning_rate or []):
+        raise UsageError(f"tuner.learning_rate={list(search.learning_rate)} must be a list of numbers > 0")
     if search.alpha and imagenet_alphas(spec, cfg.backbone) is None:
         raise UsageError(f"tuner.alpha is set but {spec.name} has no alpha; leave it null")
     for key in ("alpha", "input_size", "unfreeze_blocks"):  # each value to try must make a valid backbone
