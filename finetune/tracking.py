@@ -6,16 +6,17 @@ import contextlib
 from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import keras
 import mlflow
-import mlflow.tensorflow
 import numpy as np
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.config import UsageError
+
+if TYPE_CHECKING:  # keras (TensorFlow) is imported only where a model is logged: `finetune report` stays quick
+    import keras
 
 
 DEFAULT_STORE = "sqlite:///experiments/mlflow.db"  # the default store, seen from the project folder
@@ -100,24 +101,12 @@ def _end(run: mlflow.ActiveRun, status: str) -> None:
     mlflow.end_run(status=status)
 
 
-class EpochMetrics(keras.callbacks.Callback):
-    """Logs every epoch's metrics at step = global epoch, so both phases share one axis."""
-
-    def __init__(self, phase: int) -> None:
-        super().__init__()
-        self.phase = phase
-
-    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
-        metrics = {key: float(value) for key, value in (logs or {}).items()}
-        metrics["phase"] = self.phase
-        mlflow.log_metrics(metrics, step=epoch + 1)
-
-
 REGISTRY_ALIAS = "newest"
 
 
 def log_keras_model(model: keras.Model, example: np.ndarray, registered_name: str | None) -> None:
     """Log the Keras model with its signature and an input example; optionally register it as "newest"."""
+    import mlflow.tensorflow
     example = example.astype("float32")
     signature = mlflow.models.infer_signature(example, np.asarray(model(example, training=False)))
     # mlflow.tensorflow, not mlflow.keras: the latter fails with an input example (mlflow issue 16183)
