@@ -204,7 +204,7 @@ def artifact_table(reports: list[dict[str, Any]]) -> str:
     ]
     for r in reports:
         lines.append(
-            f"| {r['format']} | `{r['file']}` | {r['size_mb']:.2f} | {r['accuracy']:.3f} | {r['accuracy_delta']:+.3f} "
+            f"| {r['format']} | `{r['file']}` | {r['size_mb']:.2f} | {r['accuracy']:.4f} | {r['accuracy_delta']:+.4f} "
             f"| {r['top1_agreement']:.3f} | {r['max_prob_diff']:.1e} | {r['latency_median_ms']:.2f} / {r['latency_p90_ms']:.2f} |"
         )
     return "\n".join(lines)

@@ -68,7 +68,7 @@ def _validate_backbone(bb: DictConfig) -> None:
     if spec is None:
         raise UsageError(f"backbone.name={bb.name} is unknown; choose one of: {', '.join(BACKBONES)}")
     size = bb.input_size
-    if not isinstance(size, int) or size < MIN_INPUT_SIZE:
+    if not _is_whole(size, MIN_INPUT_SIZE):
         raise UsageError(f"backbone.input_size={size} is too small; it must be a whole number >= {MIN_INPUT_SIZE}")
     if "alpha" in bb:
         _check_positive("backbone.alpha", bb.alpha)
@@ -79,7 +79,7 @@ def _validate_backbone(bb: DictConfig) -> None:
     elif bb.weights is not None and not Path(str(bb.weights)).is_file():
         raise UsageError(f"backbone.weights={bb.weights} is not a file; use imagenet, null, or a path to a Keras weights file")
     blocks = bb.unfreeze_blocks
-    if not isinstance(blocks, int) or not 0 <= blocks <= spec.num_blocks:
+    if not (_is_whole(blocks, 0) and blocks <= spec.num_blocks):
         raise UsageError(
             f"backbone.unfreeze_blocks={blocks} is out of range; {spec.name} has {spec.num_blocks} blocks (0..{spec.num_blocks})"
         )
@@ -128,6 +128,10 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_whole(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
 def _check_fraction(key: str, value: Any) -> None:
     """Knobs such as dropout, momentum and zoom: a number in [0, 1)."""
     if not (_is_number(value) and 0 <= value < 1):
@@ -136,7 +140,7 @@ def _check_fraction(key: str, value: Any) -> None:
 
 def _check_whole(key: str, value: Any, minimum: int) -> None:
     """Counts such as epochs and batch size: a whole number (not true/false) >= minimum."""
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+    if not _is_whole(value, minimum):
         raise UsageError(f"{key}={value} must be a whole number >= {minimum}")
 
 
@@ -150,7 +154,7 @@ def _validate_head(head: DictConfig) -> None:
     if head.pooling not in ("avg", "max"):
         raise UsageError(f"head.pooling={head.pooling} is unknown; choose avg or max")
     _check_fraction("head.dropout", head.dropout)
-    if any(not isinstance(u, int) or u < 1 for u in head.hidden_units):
+    if not all(_is_whole(u, 1) for u in head.hidden_units):
         raise UsageError(f"head.hidden_units={list(head.hidden_units)} must be a list of whole numbers >= 1")
     if head.class_weight not in (None, "auto"):
         raise UsageError(f"head.class_weight={head.class_weight} is unknown; choose null or auto")

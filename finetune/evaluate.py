@@ -27,6 +27,11 @@ class Evaluation:
     y_true: np.ndarray
     y_pred: np.ndarray
 
+    @property
+    def correct(self) -> int:
+        """How many test images were classified right."""
+        return int(np.sum(self.y_true == self.y_pred))
+
 
 def effective_top_k(top_k: int, num_classes: int) -> int:
     """Top-k is only informative below the number of classes."""

@@ -208,7 +208,8 @@ def _print_summary(
 ) -> None:
     print(
         "\n"
-        f"Test accuracy {evaluation.accuracy:.3f} (top-{evaluation.top_k} {evaluation.top_k_accuracy:.3f}, "
+        f"Test accuracy {evaluation.accuracy:.4f} ({evaluation.correct} of "
+        f"{len(evaluation.y_true)} images; top-{evaluation.top_k} {evaluation.top_k_accuracy:.3f}, "
         f"macro F1 {metrics['test_macro_f1']:.3f})\n"
         f"Latency {latency.median_ms:.1f} ms median, {latency.p90_ms:.1f} ms p90 "
         f"(batch 1, {latency.threads} threads, {latency.runs} runs after {latency.warmup} warm-up)\n"

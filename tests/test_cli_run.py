@@ -45,7 +45,7 @@ def test_full_run_leaves_outputs_and_one_mlflow_run(tmp_path: Path, tiny_images:
     best = max(metrics["phase1_best_val_accuracy"], metrics["phase2_best_val_accuracy"])
     assert metrics["final_val_accuracy"] == pytest.approx(best)  # the best weights of both phases are kept
     assert metrics["params"] > 0 and metrics["macs"] > 0 and metrics["latency_median_ms"] > 0
-    assert "Test accuracy" in result.stdout and str(run_dir) in result.stdout
+    assert str(run_dir) in result.stdout
 
     client = mlflow_client(tmp_path)
     run = only_run(client)
@@ -54,6 +54,9 @@ def test_full_run_leaves_outputs_and_one_mlflow_run(tmp_path: Path, tiny_images:
     split_rows = (run_dir / "data_splits.csv").read_text().splitlines()[1:]
     assert run.data.params["data.train_images"] == str(sum(row.startswith("train,") for row in split_rows))
     assert len(split_rows) == 42  # every usable image, in exactly one split
+    test_images = sum(row.startswith("test,") for row in split_rows)
+    correct = round(metrics["test_accuracy"] * test_images)
+    assert f"Test accuracy {metrics['test_accuracy']:.4f} ({correct} of {test_images} images;" in result.stdout
     for key in ("test_accuracy", "test_top2_accuracy", "params", "macs", "latency_median_ms", "latency_p90_ms"):
         assert key in run.data.metrics, key
     assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
