@@ -164,6 +164,7 @@ def _validate_train(train: DictConfig) -> None:
     for phase, minimum in (("phase1", 1), ("phase2", 0)):
         _check_whole(f"train.{phase}.epochs", train[phase].epochs, minimum)
         _check_positive(f"train.{phase}.learning_rate", train[phase].learning_rate)
+        _check_fraction(f"train.{phase}.warmup_fraction", train[phase].warmup_fraction)
         if train[phase].schedule not in SCHEDULES:
             raise UsageError(f"train.{phase}.schedule={train[phase].schedule} is unknown; choose one of: {', '.join(SCHEDULES)}")
     if train.phase1.optimizer not in OPTIMIZERS:

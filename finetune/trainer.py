@@ -148,10 +148,19 @@ def phase2_optimizer(phase2_cfg: Any, steps_per_epoch: int) -> keras.optimizers.
 
 
 def learning_rate(phase_cfg: Any, steps_per_epoch: int) -> float | keras.optimizers.schedules.LearningRateSchedule:
-    """The phase's learning rate: constant, or cosine-decayed to zero over the phase's epochs."""
-    if phase_cfg.schedule == "constant":
-        return phase_cfg.learning_rate
-    return keras.optimizers.schedules.CosineDecay(phase_cfg.learning_rate, decay_steps=phase_cfg.epochs * steps_per_epoch)
+    """The phase's learning rate: constant, or cosine-decayed to zero by the phase's end; with a warm-up,
+    it first rises linearly from zero over the first `warmup_fraction` of the phase's steps."""
+    rate, steps = phase_cfg.learning_rate, phase_cfg.epochs * steps_per_epoch
+    warmup_steps = int(phase_cfg.warmup_fraction * steps)
+    if phase_cfg.schedule == "constant" and not warmup_steps:
+        return rate
+    return keras.optimizers.schedules.CosineDecay(
+        0.0 if warmup_steps else rate,
+        decay_steps=steps - warmup_steps,
+        alpha=1.0 if phase_cfg.schedule == "constant" else 0.0,  # alpha 1: the rate stays where the warm-up left it
+        warmup_target=rate if warmup_steps else None,
+        warmup_steps=warmup_steps,
+    )
 
 
 def _load_best(model: keras.Model, best_path: Path) -> None:

@@ -27,6 +27,7 @@ FLOWERS = f"data.path={SHARED_FLOWERS}"
         ("backbone.unfreeze_blocks=false", "backbone.unfreeze_blocks=False is out of range"),
         ("train.label_smoothing=1", "train.label_smoothing=1 must be a number in [0, 1)"),
         ("train.phase2.momentum=high", "train.phase2.momentum=high must be a number in [0, 1)"),
+        ("train.phase2.warmup_fraction=1", "train.phase2.warmup_fraction=1 must be a number in [0, 1)"),
         ("train.phase1.learning_rate=fast", "train.phase1.learning_rate=fast must be a number > 0"),
         ("data.val_fraction=some", "data.val_fraction=some and data.test_fraction=0.15 must each be in (0, 1)"),
         ("data.batch_size=true", "data.batch_size=True must be a whole number >= 1"),

@@ -1,4 +1,4 @@
-"""The phase-2 optimizer: SGD with momentum at the configured rate, gradients clipped element-wise."""
+"""The optimizers' settings: phase 2's SGD with momentum and element-wise clipping; learning-rate schedules."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from finetune.trainer import phase2_optimizer
+from finetune.trainer import learning_rate, phase2_optimizer
 
 
 def one_step(clipvalue: float | None, gradient: list[float]) -> np.ndarray:
     """The change one SGD step (rate 0.5, no momentum) makes to a zero variable given this gradient."""
-    cfg = OmegaConf.create({"learning_rate": 0.5, "momentum": 0.0, "schedule": "constant", "epochs": 1,
-                            "clipvalue": clipvalue})
+    cfg = OmegaConf.create({"learning_rate": 0.5, "momentum": 0.0, "schedule": "constant", "warmup_fraction": 0.0,
+                            "epochs": 1, "clipvalue": clipvalue})
     optimizer = phase2_optimizer(cfg, steps_per_epoch=1)
     variable = keras.Variable(np.zeros(len(gradient), "float32"))
     optimizer.apply_gradients([(keras.ops.convert_to_tensor(np.array(gradient, "float32")), variable)])
@@ -30,7 +30,8 @@ def test_without_clipvalue_the_full_gradient_is_applied() -> None:
 
 
 def test_momentum_and_cosine_schedule_come_from_the_config() -> None:
-    cfg = OmegaConf.create({"learning_rate": 3e-4, "momentum": 0.9, "schedule": "cosine", "epochs": 10, "clipvalue": 0.2})
+    cfg = OmegaConf.create({"learning_rate": 3e-4, "momentum": 0.9, "schedule": "cosine", "warmup_fraction": 0.0,
+                            "epochs": 10, "clipvalue": 0.2})
     optimizer = phase2_optimizer(cfg, steps_per_epoch=25)
     assert isinstance(optimizer, keras.optimizers.SGD)
     assert optimizer.momentum == pytest.approx(0.9)
@@ -38,3 +39,12 @@ def test_momentum_and_cosine_schedule_come_from_the_config() -> None:
     assert float(optimizer.learning_rate) == pytest.approx(3e-4)
     optimizer.iterations.assign(250)
     assert float(optimizer.learning_rate) == pytest.approx(0.0, abs=1e-9)  # decayed to zero at the phase's end
+
+
+@pytest.mark.parametrize(("schedule", "after_warmup", "at_end"), [("cosine", 1e-3, 0.0), ("constant", 1e-3, 1e-3)])
+def test_warmup_rises_from_zero_then_follows_the_schedule(schedule: str, after_warmup: float, at_end: float) -> None:
+    cfg = OmegaConf.create({"learning_rate": 1e-3, "schedule": schedule, "warmup_fraction": 0.2, "epochs": 10})
+    rate = learning_rate(cfg, steps_per_epoch=25)  # 250 steps, the first 50 warm up
+    assert [float(rate(step)) for step in (0, 25, 50)] == pytest.approx([0.0, 5e-4, after_warmup])
+    assert float(rate(150)) == pytest.approx(5e-4 if schedule == "cosine" else 1e-3)  # half-way through the decay
+    assert float(rate(250)) == pytest.approx(at_end, abs=1e-9)
