@@ -128,6 +128,10 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_positive(value: Any) -> bool:
+    return _is_number(value) and value > 0
+
+
 def _is_whole(value: Any, minimum: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
@@ -146,7 +150,7 @@ def _check_whole(key: str, value: Any, minimum: int) -> None:
 
 def _check_positive(key: str, value: Any, optional: bool = False) -> None:
     """Rates and limits such as learning rates: a number > 0 (or null when optional)."""
-    if not ((optional and value is None) or (_is_number(value) and value > 0)):
+    if not ((optional and value is None) or _is_positive(value)):
         raise UsageError(f"{key}={value} must be {'null or ' if optional else ''}a number > 0")
 
 
@@ -199,7 +203,7 @@ def _validate_tuner(cfg: DictConfig) -> None:
     for key in ("alpha", "learning_rate", "input_size", "unfreeze_blocks"):
         if search[key] is not None and not OmegaConf.is_list(search[key]):
             raise UsageError(f"tuner.{key}={search[key]} must be null or a list of values to try, e.g. [{search[key]}]")
-    if any(not (_is_number(rate) and rate > 0) for rate in search.learning_rate or []):
+    if not all(_is_positive(rate) for rate in search.learning_rate or []):
         raise UsageError(f"tuner.learning_rate={list(search.learning_rate)} must be a list of numbers > 0")
     if search.alpha and imagenet_alphas(spec, cfg.backbone) is None:
         raise UsageError(f"tuner.alpha is set but {spec.name} has no alpha; leave it null")
