@@ -19,7 +19,6 @@ from sklearn.metrics import ConfusionMatrixDisplay, classification_report, top_k
 class Evaluation:
     """Test metrics, with the per-class report as text and as a dict."""
 
-    accuracy: float
     top_k: int
     top_k_accuracy: float
     report_text: str
@@ -29,8 +28,12 @@ class Evaluation:
 
     @property
     def correct(self) -> int:
-        """How many test images were classified right."""
+        """How many images were classified right."""
         return int(np.sum(self.y_true == self.y_pred))
+
+    @property
+    def accuracy(self) -> float:
+        return float(np.mean(self.y_true == self.y_pred))
 
 
 def effective_top_k(top_k: int, num_classes: int) -> int:
@@ -53,7 +56,6 @@ def evaluate(model: keras.Model, ds: tf.data.Dataset, class_names: list[str], to
     k = effective_top_k(top_k, len(class_names))
     kwargs = dict(labels=labels, target_names=class_names, zero_division=0)
     return Evaluation(
-        accuracy=float(np.mean(y_true == y_pred)),
         top_k=k,
         top_k_accuracy=float(top_k_accuracy_score(y_true, probabilities, k=k, labels=labels)),
         report_text=classification_report(y_true, y_pred, digits=3, **kwargs),
