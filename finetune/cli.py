@@ -1,6 +1,6 @@
 """Command line: `finetune key=value ...` (Hydra overrides) and `finetune summary|export|predict|report ...`.
 
-Config errors exit 2 with one line.
+Config errors and refused run folders exit 2 with one line, before anything is written.
 """
 
 from __future__ import annotations
@@ -8,14 +8,15 @@ from __future__ import annotations
 import importlib
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
-from finetune import interrupts
+from finetune import interrupts, quiet, runfolder
 from finetune.artifacts import ExportError
 from finetune.config import CONF_DIR, UsageError, compose, validate
 
@@ -37,16 +38,27 @@ def fail(error: UsageError) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Dispatch `summary`, check the config before Hydra writes anything, then run the Hydra app."""
+    """Dispatch subcommands; check the config and the run folder before Hydra writes anything; run the app."""
+    global folder_before
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in SUBCOMMANDS:
+        if argv[0] != "report":  # the report reads MLflow only
+            quiet.import_tensorflow()
         importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
         return
     if not any(arg.startswith("-") for arg in argv):  # Hydra's own flags (--cfg, -m, --help) go straight through
         try:
-            validate(compose(argv))
+            cfg = compose(argv, hydra_node=True)
+            run_dir = Path(cfg.hydra.run.dir)
+            with open_dict(cfg):
+                del cfg["hydra"]
+            validate(cfg)
+            runfolder.check(run_dir, cfg)
         except UsageError as error:
             fail(error)
+        if not any(arg.startswith("hydra.run.dir=") for arg in argv):
+            argv = [*argv, f"hydra.run.dir={run_dir}"]  # the folder just checked, not a second ${now:} reading
+        folder_before = FolderSnapshot.take(run_dir)
     interrupts.install()  # Ctrl-C and `kill`: state saved, MLflow run marked KILLED, resume command printed
     sys.argv = [sys.argv[0], *argv]
     _hydra_app()
@@ -55,13 +67,41 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(USAGE_EXIT)
 
 
+@dataclass(frozen=True)
+class FolderSnapshot:
+    """What existed of a run folder before this process: so a failed start removes only what it created."""
+
+    run_dir: Path
+    created_root: Path | None  # the topmost folder of run_dir's path that did not exist yet
+    entries: frozenset[str]  # what the run folder already held
+
+    @classmethod
+    def take(cls, run_dir: Path) -> FolderSnapshot:
+        missing = [path for path in (run_dir, *run_dir.parents) if not path.exists()]
+        entries = frozenset(entry.name for entry in run_dir.iterdir()) if run_dir.is_dir() else frozenset()
+        return cls(run_dir, missing[-1] if missing else None, entries)
+
+    def remove_created(self) -> None:
+        """Delete what this process added to the run folder (and the folders it made for it), nothing else."""
+        if self.created_root is not None:
+            shutil.rmtree(self.created_root, ignore_errors=True)
+            return
+        for entry in self.run_dir.iterdir():
+            if entry.name not in self.entries:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
+folder_before: FolderSnapshot | None = None  # set by main() for a single run
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _hydra_app(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    fresh = not (run_dir / "state.json").exists()
     try:
         validate(cfg)
+        runfolder.check(run_dir, cfg)  # a sweep's job folders are only known here
+        quiet.import_tensorflow()
         tags = {"sweep_dir": hydra_cfg.sweep.dir} if hydra_cfg.mode == RunMode.MULTIRUN else {}
         if cfg.mode == "tune":  # TensorFlow loads only once the config is known to be good
             from finetune.tuning import tune_job
@@ -77,11 +117,12 @@ def _hydra_app(cfg: DictConfig) -> None:
                   file=sys.stderr)
             failed_jobs.append(str(hydra_cfg.job.num))
             return
-        if fresh:
-            shutil.rmtree(run_dir, ignore_errors=True)
+        if folder_before is not None:
+            folder_before.remove_created()
         fail(error)
     except ExportError as error:
-        print(f"finetune: export failed: {error} (the trained model is in {run_dir}/model.keras)", file=sys.stderr)
+        print(f"finetune: export failed: {error} (the trained model is in {run_dir}/model.keras; "
+              f"rerun the same command with hydra.run.dir={run_dir} to retry the export only)", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         overrides = " ".join(hydra_cfg.overrides.task)

@@ -22,16 +22,24 @@ class UsageError(Exception):
     """A problem the user can fix (config, paths, data, missing weights); shown as one line, exit 2."""
 
 
-def compose(overrides: list[str]) -> DictConfig:
-    """Compose conf/config.yaml with command-line overrides, as Hydra would, without writing anything."""
+def compose(overrides: list[str], hydra_node: bool = False) -> DictConfig:
+    """Compose conf/config.yaml with command-line overrides, as Hydra would, without writing anything.
+
+    With `hydra_node`, the result also has Hydra's own `hydra` node, and `${hydra:...}` interpolations
+    resolve (as they do inside the Hydra app).
+    """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
     from hydra.errors import HydraException, MissingConfigException
     from omegaconf.errors import OmegaConfBaseException
 
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return hydra_compose("config", overrides=overrides)
+            cfg = hydra_compose("config", overrides=overrides, return_hydra_config=hydra_node)
+        if hydra_node:
+            HydraConfig.instance().set_config(cfg)
+        return cfg
     except MissingConfigException as error:
         first_line = str(error).strip().splitlines()[0]
         options = ", ".join(sorted(error.options or []))
@@ -215,3 +223,18 @@ def _validate_tuner(cfg: DictConfig) -> None:
                 _validate_backbone(candidate)
             except UsageError as error:
                 raise UsageError(f"tuner.{key} has {value}: {error}") from None
+
+
+def flatten(cfg: DictConfig) -> dict[str, Any]:
+    """Resolved config as flat `a.b.c` params (lists as strings)."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = node
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return flat

@@ -22,6 +22,7 @@ from finetune.artifacts import ExportError
 from finetune.bundle import ArtifactReport, artifact_table, export_bundle
 from finetune.config import UsageError, validate_export
 from finetune.dataset import Split, load_images, read_splits
+from finetune.runfolder import MANIFEST_FILE, Manifest
 
 BUNDLE_DIR = "export"
 
@@ -101,7 +102,7 @@ def resolve_run_dir(run: str, tracking_uri: str) -> Path:
 
 def export_saved_run(run_dir: Path, formats: list[str] | None) -> list[ArtifactReport]:
     """Export the model a finished run saved, with its own config and data splits."""
-    needed = [run_dir / name for name in ("config.yaml", "model.keras", "data_splits.csv", "metrics.json", "state.json")]
+    needed = [run_dir / name for name in ("config.yaml", "model.keras", "data_splits.csv", "metrics.json", MANIFEST_FILE)]
     missing = [p.name for p in needed if not p.exists()]
     if missing:
         raise UsageError(f"{run_dir} is not a finished run directory (missing {', '.join(missing)})")
@@ -110,11 +111,11 @@ def export_saved_run(run_dir: Path, formats: list[str] | None) -> list[ArtifactR
         cfg.export.formats = formats
     validate_export(cfg.export)
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    state = json.loads((run_dir / "state.json").read_text())
+    mlflow_run = Manifest(run_dir).get("mlflow") or {}
     dataset = metrics["dataset"]
     splits = read_splits(run_dir / "data_splits.csv", Path(dataset["root"]), metrics["classes"])
     model = keras.saving.load_model(run_dir / "model.keras", safe_mode=True)
-    with tracking.tracked_run(cfg.mlflow, state["mlflow_run_id"], {}):
+    with tracking.tracked_run(cfg.mlflow, mlflow_run.get("run_id"), {}):
         return export_run(cfg, model, metrics["classes"], splits, dataset, run_dir / BUNDLE_DIR)
 
 

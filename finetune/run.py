@@ -1,9 +1,11 @@
-"""One training job: data, model, two phases, evaluation, cost, MLflow record, terminal summary."""
+"""One training job in stages: data, two phases, evaluation, cost, MLflow record, export, terminal summary."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,10 +29,11 @@ from finetune.dataset import (
     split_folder,
 )
 from finetune.export import BUNDLE_DIR, export_run
-from finetune.evaluate import Evaluation, evaluate, save_confusion_matrix, save_training_curves
+from finetune.evaluate import evaluate, save_confusion_matrix, save_training_curves
 from finetune.model import build_classifier
 from finetune.sources import data_root
-from finetune.trainer import RunState, balanced_class_weight, train_two_phases
+from finetune.runfolder import STAGES, Manifest, stage_key, write_json
+from finetune.trainer import PhaseResult, RunState, balanced_class_weight, train_two_phases
 from finetune.weights import resolve as resolve_weights
 
 
@@ -45,6 +48,10 @@ class PreparedData:
     @property
     def num_classes(self) -> int:
         return len(self.folder.class_names)
+
+    def params(self) -> dict[str, Any]:
+        """The data's MLflow params: `data.root`, `data.fingerprint`, `data.train_images`, ..."""
+        return {f"data.{key}": value for key, value in self.info.items() if key != "name"}
 
     def write_lists(self, run_dir: Path) -> None:
         """skipped_images.txt and data_splits.csv in run_dir."""
@@ -85,65 +92,147 @@ def run_job(
     data: PreparedData | None = None,
     nested: bool = False,
 ) -> dict[str, Any]:
-    """Train, evaluate and record one configuration in run_dir (resuming what is already there)."""
-    state = RunState(run_dir / "state.json")
-    if state.get("finished"):
+    """Train, evaluate, time, record and export one configuration in run_dir, each stage once.
+
+    A rerun of the same run folder skips the stages whose result is already there for these settings
+    (see runfolder.STAGES): after a failed export only the export runs again.
+    """
+    manifest = Manifest(run_dir)
+    manifest.start("train", cfg)
+    if all(manifest.done(stage, stage_key(cfg, stage, manifest)) for stage in STAGES if stage_wanted(cfg, stage)):
         print(f"This run already finished; its results are in {run_dir} (metrics.json).")
-        return json.loads((run_dir / "metrics.json").read_text())
+        return json.loads((run_dir / METRICS_FILE).read_text())
     seed_everything(cfg.seed, cfg.deterministic)
     data = data or prepare_data(cfg)
+    manifest.check_fingerprint(data.info["fingerprint"], data.folder.root)
     data.write_lists(run_dir)
-    folder, splits, dataset = data.folder, data.splits, data.info
-    num_classes = data.num_classes
-    weights_source = resolve_weights(BACKBONES[cfg.backbone.name], cfg.backbone, cfg.weights_dir)
-    print(f"{cfg.backbone.name} with weights: {weights_source}; {len(folder.paths)} images in {num_classes} classes")
-    model = build_classifier(cfg, num_classes)
-    train_ds, val_ds, test_ds = data.datasets(cfg)
-    class_weight = balanced_class_weight(splits["train"].labels, num_classes) if cfg.head.class_weight == "auto" else None
-
+    state = RunState(run_dir / "state.json")
+    results = json.loads((run_dir / METRICS_FILE).read_text()) if (run_dir / METRICS_FILE).exists() else {}
     run_tags = {**(tags or {}), "run_dir": str(run_dir.resolve())}
-    with tracking.tracked_run(cfg.mlflow, state.get("mlflow_run_id"), run_tags, nested=nested) as run:
-        if not state.get("mlflow_run_id"):
-            state.update(mlflow_run_id=run.info.run_id)
-            mlflow.log_params(tracking.flatten(cfg))
-            mlflow.log_params({**{f"data.{k}": v for k, v in dataset.items() if k != "name"},
-                               "backbone.weights_source": weights_source})
-        phases = train_two_phases(model, cfg, train_ds, val_ds, run_dir, state, class_weight)
+    with tracking.job_run(cfg, manifest, run_tags, data.params(), nested=nested) as (run, started):
+        if started:
+            for epoch in state.history():  # a run re-recorded in another store keeps its training curve
+                mlflow.log_metrics({k: v for k, v in epoch.items() if k != "epoch"}, step=epoch["epoch"])
+        stages = _Stages(cfg, run_dir, manifest, state, data, results)
+        for stage in STAGES:
+            if stage_wanted(cfg, stage):
+                stages.run(stage, getattr(stages, stage))
+    _print_summary(results, run_dir, run.info.run_id, cfg.mlflow.tracking_uri)
+    return results
+
+
+def stage_wanted(cfg: DictConfig, stage: str) -> bool:
+    """Every stage runs, except the export when export.formats is empty."""
+    return stage != "export" or bool(cfg.export.formats)
+
+
+class _Stages:
+    """The stages of one run after data preparation; each reads what earlier stages left in the run folder."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, manifest: Manifest, state: RunState, data: PreparedData,
+                 results: dict[str, Any]) -> None:
+        self.cfg, self.run_dir, self.manifest, self.state, self.data = cfg, run_dir, manifest, state, data
+        self.results = results  # what metrics.json holds
+        self.model_path = run_dir / "model.keras"
+        self._model: keras.Model | None = None
+
+    def run(self, stage: str, action: Callable[[], None]) -> None:
+        """Run a stage unless its result for these settings is there; record it as done."""
+        key = stage_key(self.cfg, stage, self.manifest)
+        if self.manifest.done(stage, key) and (stage != "train" or self.model_path.exists()):
+            return
         interrupts.check()
-        final_val = evaluate(model, val_ds, folder.class_names, cfg.evaluate.top_k)
-        evaluation = evaluate(model, test_ds, folder.class_names, cfg.evaluate.top_k)
-        latency = cost.measure_latency(model, cfg.latency.warmup, cfg.latency.runs)
-        model_path = run_dir / "model.keras"
-        model.save(model_path)
-        metrics = {
+        action()
+        write_json(self.run_dir / METRICS_FILE, self.results)
+        self.manifest.mark(stage, key)
+
+    @property
+    def model(self) -> keras.Model:
+        """The trained model: from this attempt's training, or from model.keras."""
+        if self._model is None:
+            self._model = keras.saving.load_model(self.model_path, safe_mode=True)
+        return self._model
+
+    def train(self) -> None:
+        cfg, data = self.cfg, self.data
+        weights_source = resolve_weights(BACKBONES[cfg.backbone.name], cfg.backbone, cfg.weights_dir)
+        print(f"{cfg.backbone.name} with weights: {weights_source}; {len(data.folder.paths)} images in "
+              f"{data.num_classes} classes")
+        model = build_classifier(cfg, data.num_classes)
+        train_ds, val_ds, _ = data.datasets(cfg)
+        class_weight = (balanced_class_weight(data.splits["train"].labels, data.num_classes)
+                        if cfg.head.class_weight == "auto" else None)
+        phases = train_two_phases(model, cfg, train_ds, val_ds, self.run_dir, self.state, class_weight)
+        interrupts.check()
+        partial = self.run_dir / "model.partial.keras"  # a kill during the save leaves no half model.keras
+        model.save(partial)
+        os.replace(partial, self.model_path)
+        self._model = model
+        mlflow.log_param("backbone.weights_source", weights_source)
+        self.results.update({
             **{f"{name}_best_val_accuracy": result.best_val_accuracy for name, result in phases.items()},
             **{f"{name}_seconds": result.seconds for name, result in phases.items()},
+            "kept_weights_phase": kept_phase(phases),
+            "skipped_images": len(data.folder.skipped),
+            "classes": data.folder.class_names,
+            "dataset": data.info,
+        })
+
+    def evaluate(self) -> None:
+        cfg, names = self.cfg, self.data.folder.class_names
+        _, val_ds, test_ds = self.data.datasets(cfg)
+        final_val = evaluate(self.model, val_ds, names, cfg.evaluate.top_k)
+        test = evaluate(self.model, test_ds, names, cfg.evaluate.top_k)
+        (self.run_dir / "classification_report.txt").write_text(test.report_text)
+        save_confusion_matrix(test, names, self.run_dir / "confusion_matrix.png")
+        save_training_curves(self.state.history(), self.run_dir / "training_curves.png")
+        self.results.update({
             "final_val_accuracy": final_val.accuracy,
-            "test_accuracy": evaluation.accuracy,
-            f"test_top{evaluation.top_k}_accuracy": evaluation.top_k_accuracy,
-            "test_macro_f1": evaluation.report["macro avg"]["f1-score"],
-            "params": model.count_params(),
-            "macs": cost.count_macs(model),
+            "test_accuracy": test.accuracy,
+            "test_correct": test.correct,
+            "test_images": len(test.y_true),
+            "test_top_k": test.top_k,
+            f"test_top{test.top_k}_accuracy": test.top_k_accuracy,
+            "test_macro_f1": test.report["macro avg"]["f1-score"],
+            "report": test.report,
+        })
+
+    def time(self) -> None:
+        latency = cost.measure_latency(self.model, self.cfg.latency.warmup, self.cfg.latency.runs)
+        self.results.update({
+            "params": self.model.count_params(),
+            "macs": cost.count_macs(self.model),
             "latency_median_ms": latency.median_ms,
             "latency_p90_ms": latency.p90_ms,
-            "model_size_mb": model_path.stat().st_size / 1e6,
-            "skipped_images": len(folder.skipped),
-        }
-        _write_outputs(cfg, run_dir, state, evaluation, folder, metrics, latency.as_dict(), dataset)
-        mlflow.log_metrics(metrics)
-        mlflow.log_params({f"latency.{k}": v for k, v in latency.as_dict().items() if k not in ("median_ms", "p90_ms")})
+            "model_size_mb": self.model_path.stat().st_size / 1e6,
+            "latency_protocol": latency.as_dict(),
+        })
+
+    def record(self) -> None:
+        (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+        write_json(self.run_dir / METRICS_FILE, self.results)
+        mlflow.log_metrics({k: v for k, v in self.results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        protocol = self.results["latency_protocol"]
+        mlflow.set_tags({"latency.method": protocol["method"], "latency.measured_threads": protocol["threads"]})
         for name in _ARTIFACTS:
-            mlflow.log_artifact(str(run_dir / name))
-        example = load_images(splits["test"].paths[:1], cfg.backbone.input_size)
-        tracking.log_keras_model(model, example, cfg.export.register_model)
-        interrupts.check()
-        if cfg.export.formats:
-            export_run(cfg, model, folder.class_names, splits, dataset, run_dir / BUNDLE_DIR)
-        state.update(finished=True)
-    _print_summary(evaluation, metrics, latency, run_dir, run.info.run_id, cfg.mlflow.tracking_uri)
-    return metrics
+            mlflow.log_artifact(str(self.run_dir / name))
+
+    def log_model(self) -> None:
+        example = load_images(self.data.splits["test"].paths[:1], self.cfg.backbone.input_size)
+        tracking.log_keras_model(self.model, example, self.cfg.export.register_model)
+
+    def export(self) -> None:
+        data = self.data
+        export_run(self.cfg, self.model, data.folder.class_names, data.splits, data.info, self.run_dir / BUNDLE_DIR)
 
 
+def kept_phase(phases: dict[str, PhaseResult]) -> int:
+    """The phase the kept weights come from: phase 2 only replaces phase 1's checkpoint when it beats it."""
+    phase2 = phases.get("phase2")
+    return 2 if phase2 is not None and phase2.best_val_accuracy > phases["phase1"].best_val_accuracy else 1
+
+
+METRICS_FILE = "metrics.json"
 _ARTIFACTS = (
     "config.yaml",
     "metrics.json",
@@ -153,25 +242,6 @@ _ARTIFACTS = (
     "data_splits.csv",
     "skipped_images.txt",
 )
-
-
-def _write_outputs(
-    cfg: DictConfig,
-    run_dir: Path,
-    state: RunState,
-    evaluation: Evaluation,
-    folder: ImageFolder,
-    metrics: dict[str, float],
-    latency: dict[str, Any],
-    dataset: dict[str, Any],
-) -> None:
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    (run_dir / "classification_report.txt").write_text(evaluation.report_text)
-    save_confusion_matrix(evaluation, folder.class_names, run_dir / "confusion_matrix.png")
-    save_training_curves(state.history(), run_dir / "training_curves.png")
-    record = {**metrics, "latency_protocol": latency, "classes": folder.class_names, "dataset": dataset,
-              "report": evaluation.report}
-    (run_dir / "metrics.json").write_text(json.dumps(record, indent=1))
 
 
 def _write_skipped(folder: ImageFolder, path: Path) -> None:
@@ -198,23 +268,16 @@ def dataset_info(name: str, folder: ImageFolder, splits: dict[str, Split]) -> di
     }
 
 
-def _print_summary(
-    evaluation: Evaluation,
-    metrics: dict[str, float],
-    latency: cost.Latency,
-    run_dir: Path,
-    run_id: str,
-    tracking_uri: str,
-) -> None:
+def _print_summary(results: dict[str, Any], run_dir: Path, run_id: str, tracking_uri: str) -> None:
+    latency, top_k = results["latency_protocol"], results["test_top_k"]
     print(
         "\n"
-        f"Test accuracy {evaluation.accuracy:.4f} ({evaluation.correct} of "
-        f"{len(evaluation.y_true)} images; top-{evaluation.top_k} {evaluation.top_k_accuracy:.3f}, "
-        f"macro F1 {metrics['test_macro_f1']:.3f})\n"
-        f"Latency {latency.median_ms:.1f} ms median, {latency.p90_ms:.1f} ms p90 "
-        f"(batch 1, {latency.threads} threads, {latency.runs} runs after {latency.warmup} warm-up)\n"
-        f"Size {metrics['params'] / 1e6:.2f} M params, {metrics['macs'] / 1e6:.1f} M MACs, "
-        f"model.keras {metrics['model_size_mb']:.1f} MB\n"
+        f"Test accuracy {results['test_accuracy']:.4f} ({results['test_correct']} of {results['test_images']} images; "
+        f"top-{top_k} {results[f'test_top{top_k}_accuracy']:.3f}, macro F1 {results['test_macro_f1']:.3f})\n"
+        f"Latency {results['latency_median_ms']:.1f} ms median, {results['latency_p90_ms']:.1f} ms p90 "
+        f"(batch 1, {latency['threads']} threads, {latency['runs']} runs after {latency['warmup']} warm-up)\n"
+        f"Size {results['params'] / 1e6:.2f} M params, {results['macs'] / 1e6:.1f} M MACs, "
+        f"model.keras {results['model_size_mb']:.1f} MB\n"
         f"Outputs in {run_dir}\n"
         f"MLflow run {run_id} at {tracking_uri}",
         flush=True,

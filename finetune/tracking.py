@@ -13,7 +13,8 @@ import numpy as np
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.config import UsageError
+from finetune.config import UsageError, flatten
+from finetune.runfolder import Manifest
 
 if TYPE_CHECKING:  # keras (TensorFlow) is imported only where a model is logged: `finetune report` stays quick
     import keras
@@ -32,21 +33,6 @@ def require_store(tracking_uri: str) -> None:
     path = _sqlite_path(tracking_uri)
     if path is not None and not path.is_file():
         raise UsageError(f"no MLflow store at {path}; pass --tracking-uri")
-
-
-def flatten(cfg: DictConfig) -> dict[str, Any]:
-    """Resolved config as flat `a.b.c` params (lists as strings)."""
-    flat: dict[str, Any] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(value, f"{prefix}{key}.")
-        else:
-            flat[prefix[:-1]] = node
-
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
-    return flat
 
 
 def setup(mlflow_cfg: DictConfig) -> str:
@@ -74,15 +60,43 @@ def _get_or_create_experiment(mlflow_cfg: DictConfig) -> str:
     return mlflow.create_experiment(mlflow_cfg.experiment, artifact_location=location)
 
 
+def run_label(cfg: DictConfig) -> str:
+    """A run's name when mlflow.run_name is not set: what it is, e.g. `mobilenet_v2 a0.35 160px flower_photos`."""
+    backbone, data = cfg.backbone, cfg.data
+    alpha = f" a{float(backbone.alpha)}" if "alpha" in backbone else ""
+    dataset = Path(str(data.path)).expanduser().name if data.get("path") else data.name
+    return f"{backbone.name}{alpha} {backbone.input_size}px {dataset}"
+
+
+@contextlib.contextmanager
+def job_run(
+    cfg: DictConfig,
+    manifest: Manifest,
+    tags: dict[str, str],
+    params: dict[str, Any],
+    nested: bool = False,
+    run_name: str | None = None,
+) -> Iterator[tuple[mlflow.ActiveRun, bool]]:
+    """The MLflow run of a run folder: re-opened when the manifest names one in this store and experiment,
+    otherwise started (named after what it is) with the config and `params` logged; yields (run, started now)."""
+    recorded = manifest.get("mlflow") or {}
+    where = {"tracking_uri": cfg.mlflow.tracking_uri, "experiment": cfg.mlflow.experiment}
+    run_id = recorded.get("run_id") if all(recorded.get(k) == v for k, v in where.items()) else None
+    name = cfg.mlflow.run_name or run_name or run_label(cfg)
+    with tracked_run(cfg.mlflow, run_id, tags, nested=nested, run_name=name) as run:
+        if run_id is None:
+            manifest.update(mlflow={**where, "run_id": run.info.run_id})
+            mlflow.log_params({**flatten(cfg), **params})
+        yield run, run_id is None
+
+
 @contextlib.contextmanager
 def tracked_run(
     mlflow_cfg: DictConfig, run_id: str | None, tags: dict[str, str], nested: bool = False, run_name: str | None = None
 ) -> Iterator[mlflow.ActiveRun]:
     """Start (or re-open, given run_id) the run; end it FINISHED, KILLED on interrupt, FAILED on error."""
     experiment_id = setup(mlflow_cfg)
-    run = mlflow.start_run(
-        run_id=run_id, experiment_id=experiment_id, run_name=run_name or mlflow_cfg.run_name, tags=tags, nested=nested
-    )
+    run = mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name=run_name, tags=tags, nested=nested)
     try:
         yield run
     except KeyboardInterrupt:
@@ -112,9 +126,15 @@ def log_keras_model(model: keras.Model, example: np.ndarray, registered_name: st
     # mlflow.tensorflow, not mlflow.keras: the latter fails with an input example (mlflow issue 16183)
     # Stating the requirements skips MLflow's inference, which reloads the model in a subprocess (~8 s).
     requirements = [f"{package}=={version(package)}" for package in ("tensorflow", "keras")]
-    info = mlflow.tensorflow.log_model(
-        model, name="model", signature=signature, input_example=example, registered_model_name=registered_name,
-        pip_requirements=requirements,
-    )
+    import keras
+
+    keras.config.disable_interactive_logging()  # MLflow checks the input example with predict(): no progress bar
+    try:
+        info = mlflow.tensorflow.log_model(
+            model, name="model", signature=signature, input_example=example, registered_model_name=registered_name,
+            pip_requirements=requirements,
+        )
+    finally:
+        keras.config.enable_interactive_logging()
     if registered_name and info.registered_model_version is not None:
         mlflow.MlflowClient().set_registered_model_alias(registered_name, REGISTRY_ALIAS, str(info.registered_model_version))

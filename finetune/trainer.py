@@ -20,6 +20,7 @@ from finetune import interrupts
 from finetune.backbones import BACKBONES
 from finetune.evaluate import effective_top_k
 from finetune.model import freeze_backbone, model_backbone, unfreeze_top_blocks
+from finetune.runfolder import write_json
 
 OPTIMIZERS = {
     "adam": keras.optimizers.Adam,
@@ -51,14 +52,14 @@ class RunState:
         """Per-epoch records in epoch order, with `epoch` (1-based, global) and `phase`."""
         return [{"epoch": int(e), **rec} for e, rec in sorted(self.data["epochs"].items(), key=lambda kv: int(kv[0]))]
 
-    def best_val_accuracy(self) -> float | None:
-        values = [rec["val_accuracy"] for rec in self.data["epochs"].values() if "val_accuracy" in rec]
+    def best_val_accuracy(self, phase: int | None = None) -> float | None:
+        """The best validation accuracy recorded, over all epochs or over one phase's."""
+        values = [rec["val_accuracy"] for rec in self.data["epochs"].values()
+                  if "val_accuracy" in rec and phase in (None, rec["phase"])]
         return max(values) if values else None
 
     def save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
-        tmp.replace(self.path)
+        write_json(self.path, self.data)
 
 
 class EpochRecorder(keras.callbacks.Callback):
@@ -90,7 +91,7 @@ class PhaseResult:
     """What one phase did."""
 
     epochs: int  # global epoch count at the end of the phase
-    best_val_accuracy: float
+    best_val_accuracy: float  # over this phase's own epochs
     seconds: float  # wall time of the attempt that finished the phase
 
 
@@ -226,7 +227,7 @@ def _run_phase(
     phase_epochs = [rec["epoch"] for rec in state.history() if rec["phase"] == phase]
     result = PhaseResult(
         epochs=max(phase_epochs, default=initial_epoch),
-        best_val_accuracy=state.best_val_accuracy() or 0.0,
+        best_val_accuracy=state.best_val_accuracy(phase) or 0.0,
         seconds=time.perf_counter() - started,
     )
     state.update(**{key: asdict(result)})

@@ -15,6 +15,7 @@ from finetune import cost, interrupts, tracking
 from finetune.backbones import BACKBONES, imagenet_alphas
 from finetune.model import build_classifier
 from finetune.run import PreparedData, prepare_data, run_job, seed_everything
+from finetune.runfolder import Manifest
 from finetune.trainer import RunState, train_two_phases
 
 OBJECTIVE = kt.Objective("val_accuracy", direction="max")
@@ -74,7 +75,7 @@ class TwoPhaseTuner(kt.Tuner):
         trial_dir = Path(self.get_trial_dir(trial.trial_id))
         train_ds, val_ds, _ = self.data.datasets(trial_cfg)
         with tracking.tracked_run(self.cfg.mlflow, None, {"trial_id": trial.trial_id, "kind": "trial"},
-                                  nested=True, run_name=f"{trial_cfg.backbone.name} trial {trial.trial_id}"):
+                                  nested=True, run_name=f"{tracking.run_label(trial_cfg)} trial {trial.trial_id}"):
             mlflow.log_params({f"hp.{k}": v for k, v in hp.values.items()})
             mlflow.log_params({"backbone.name": trial_cfg.backbone.name, "backbone.input_size": trial_cfg.backbone.input_size})
             phases = train_two_phases(model, trial_cfg, train_ds, val_ds, trial_dir, RunState(trial_dir / "state.json"))
@@ -115,8 +116,10 @@ def best_within_budget(trials: list[kt.engine.trial.Trial], budget_ms: float | N
 
 def tune_job(cfg: DictConfig, run_dir: Path, tags: dict[str, str] | None = None) -> dict[str, Any] | None:
     """Search (or resume the search) in run_dir, then retrain and test the best trial within the budget."""
-    state = RunState(run_dir / "state.json")
+    manifest = Manifest(run_dir)
+    manifest.start("tune", cfg)
     data = prepare_data(cfg)
+    manifest.check_fingerprint(data.info["fingerprint"], data.folder.root)
     data.write_lists(run_dir)
     hypermodel = FinetuneHyperModel(cfg, data.num_classes)
     tuner = TwoPhaseTuner(
@@ -128,11 +131,8 @@ def tune_job(cfg: DictConfig, run_dir: Path, tags: dict[str, str] | None = None)
         project_name="tuner",
         overwrite=False,  # an interrupted search continues; finished trials are not trained again
     )
-    with tracking.tracked_run(cfg.mlflow, state.get("mlflow_run_id"), {**(tags or {}), "kind": "search",
-                                                                        "run_dir": str(run_dir.resolve())}) as run:
-        if not state.get("mlflow_run_id"):
-            state.update(mlflow_run_id=run.info.run_id)
-            mlflow.log_params(tracking.flatten(cfg))
+    search_tags = {**(tags or {}), "kind": "search", "run_dir": str(run_dir.resolve())}
+    with tracking.job_run(cfg, manifest, search_tags, data.params(), run_name=f"search {tracking.run_label(cfg)}"):
         tuner.search()
         finished = tuner.oracle.get_best_trials(num_trials=len(tuner.oracle.trials))
         best = best_within_budget(finished, cfg.tuner.max_latency_ms)
@@ -146,7 +146,7 @@ def tune_job(cfg: DictConfig, run_dir: Path, tags: dict[str, str] | None = None)
         best_cfg = hypermodel.trial_config(best.hyperparameters)
         best_cfg.train.phase1.epochs = cfg.train.phase1.epochs  # the full schedule
         best_cfg.train.phase2.epochs = cfg.train.phase2.epochs
-        best_cfg.mlflow.run_name = f"{best_cfg.backbone.name} best (trial {best.trial_id})"
+        best_cfg.mlflow.run_name = f"{tracking.run_label(best_cfg)} best (trial {best.trial_id})"
         print(f"Best trial {best.trial_id} ({best.hyperparameters.values}); retraining with the full schedule.")
         metrics = run_job(best_cfg, _best_dir(run_dir), tags={"kind": "best", "best_trial": best.trial_id},
                           data=data, nested=True)

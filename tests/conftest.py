@@ -18,6 +18,38 @@ SHARED = PROJECT.parent / "shared"
 SHARED_FLOWERS = SHARED / "data" / "flower_photos"
 SHARED_WEIGHTS = SHARED / "weights"
 COLORS = ((220, 40, 40), (40, 200, 40), (40, 40, 220))
+OWN_FILES = {".git", ".venv", ".pytest_cache", "__pycache__"}  # the checkout's and Python's own, not the tests'
+
+
+def project_files() -> set[Path]:
+    """Every file and folder of the project, except git's, the virtual environment's and Python's caches."""
+    found = set()
+    for folder, subfolders, files in os.walk(PROJECT):
+        subfolders[:] = [name for name in subfolders if name not in OWN_FILES and not name.endswith(".egg-info")]
+        found.update(Path(folder, name) for name in subfolders + files)
+    return found
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_PROJECT_BEFORE] = project_files()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the session when a test wrote into the project folder (an MLflow store, a run folder, ...)."""
+    written = sorted(project_files() - session.config.stash[_PROJECT_BEFORE])
+    if written:
+        print(f"\ntests wrote into the project folder: {', '.join(str(p.relative_to(PROJECT)) for p in written[:10])}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+_PROJECT_BEFORE = pytest.StashKey[set]()
+
+
+@pytest.fixture(autouse=True)
+def _outside_the_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs in its own temporary folder, with MLflow's default store there."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
 
 
 def write_image(path: Path, color: tuple[int, int, int], rng: np.random.Generator, mode: str = "RGB") -> None:

@@ -42,14 +42,22 @@ def test_full_run_leaves_outputs_and_one_mlflow_run(tmp_path: Path, tiny_images:
     assert "corrupt.jpg" in skipped and "notes.txt" in skipped
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["skipped_images"] == 2
+    epochs = json.loads((run_dir / "state.json").read_text())["epochs"].values()
+    for phase in (1, 2):  # each phase's own best, not the best so far
+        own = max(epoch["val_accuracy"] for epoch in epochs if epoch["phase"] == phase)
+        assert metrics[f"phase{phase}_best_val_accuracy"] == pytest.approx(own)
     best = max(metrics["phase1_best_val_accuracy"], metrics["phase2_best_val_accuracy"])
     assert metrics["final_val_accuracy"] == pytest.approx(best)  # the best weights of both phases are kept
+    assert metrics["kept_weights_phase"] == (2 if metrics["phase2_best_val_accuracy"] > metrics["phase1_best_val_accuracy"] else 1)
     assert metrics["params"] > 0 and metrics["macs"] > 0 and metrics["latency_median_ms"] > 0
     assert str(run_dir) in result.stdout
+    for noise in ("oneDNN", "absl::InitializeLog", "cuda", "Creating initial MLflow database tables", "\x1b["):
+        assert noise not in result.stdout + result.stderr, noise  # the product's own lines only
 
     client = mlflow_client(tmp_path)
     run = only_run(client)
     assert run.info.status == "FINISHED"
+    assert run.info.run_name == f"mobilenet_v3_small a1.0 32px {tiny_images.name}"  # what it is, not a random name
     assert run.data.params["backbone.name"] == "mobilenet_v3_small"
     split_rows = (run_dir / "data_splits.csv").read_text().splitlines()[1:]
     assert run.data.params["data.train_images"] == str(sum(row.startswith("train,") for row in split_rows))
@@ -125,25 +133,32 @@ def test_missing_imagenet_weights_name_the_file_and_where(tmp_path: Path, tiny_i
     assert not (tmp_path / "run").exists()
 
 
-def test_interrupted_run_resumes_without_repeating_finished_epochs(tmp_path: Path, tiny_images: Path) -> None:
+def wait_for(condition, what: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL])
+def test_interrupted_run_resumes_without_repeating_finished_epochs(tmp_path: Path, tiny_images: Path, stop: int) -> None:
     run_dir = tmp_path / "experiments" / "runs" / "resumable"
     overrides = quick_overrides(tiny_images, run_dir, "train.phase1.epochs=3", "train.phase2.epochs=12",
                                 "train.early_stopping_patience=100")
     process = subprocess.Popen([sys.executable, "-m", "finetune", *overrides], cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     state_path = run_dir / "state.json"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:  # wait until phase 2 has finished an epoch
-        if state_path.exists() and '"phase": 2' in state_path.read_text():
-            break
-        time.sleep(0.5)
-    process.send_signal(signal.SIGTERM)
+    wait_for(lambda: state_path.exists() and '"phase": 2' in state_path.read_text(), "a phase-2 epoch")
+    process.send_signal(stop)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr[-2000:]
-    assert "Resume with:" in stderr and f"hydra.run.dir={run_dir}" in stderr
+    if stop == signal.SIGTERM:  # stopped cleanly at the next step: KILLED in MLflow, the resume command printed
+        assert process.returncode == 130, stderr[-2000:]
+        assert "Resume with:" in stderr and f"hydra.run.dir={run_dir}" in stderr
+        assert only_run(mlflow_client(tmp_path)).info.status == "KILLED"
+    else:  # kill -9: nothing ran after the signal, the MLflow run is left RUNNING
+        assert process.returncode == -signal.SIGKILL
     interrupted = json.loads(state_path.read_text())
     assert "phase1" in interrupted and "phase2" not in interrupted
-    assert only_run(mlflow_client(tmp_path)).info.status == "KILLED"
     done_before = len(interrupted["epochs"])
 
     resumed = cli(*overrides, cwd=tmp_path)
@@ -157,3 +172,33 @@ def test_interrupted_run_resumes_without_repeating_finished_epochs(tmp_path: Pat
     assert run.info.status == "FINISHED"
     steps = [m.step for m in mlflow_client(tmp_path).get_metric_history(run.info.run_id, "val_accuracy")]
     assert sorted(set(steps)) == list(range(1, 16))
+
+
+def test_a_failed_or_killed_export_reruns_the_export_only(tmp_path: Path, tiny_images: Path) -> None:
+    run_dir = tmp_path / "experiments" / "runs" / "export"
+    overrides = quick_overrides(tiny_images, run_dir, "export.formats=[tflite_float16]")
+    failed = cli(*overrides, "export.tolerance.float16=1e-12", cwd=tmp_path)  # float16 weights drift more than that
+    assert failed.returncode == 1, failed.stderr[-2000:]
+    assert "export failed: tflite_float16 differs" in failed.stderr and "to retry the export only" in failed.stderr
+    assert (run_dir / "model.keras").is_file() and not (run_dir / "export").exists()
+    evaluated = json.loads((run_dir / "metrics.json").read_text())
+    plot_time = (run_dir / "confusion_matrix.png").stat().st_mtime_ns
+
+    process = subprocess.Popen([sys.executable, "-m", "finetune", *overrides], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: (run_dir / "export.partial").exists(), "the export to start")
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=60)
+
+    resumed = cli(*overrides, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Phase " not in resumed.stdout and "Export bundle in" in resumed.stdout
+    assert sorted(p.name for p in (run_dir / "export").iterdir()) == [
+        "labels.txt", "metadata.json", "model_card.md", "model_float16.tflite"]
+    assert json.loads((run_dir / "metrics.json").read_text())["test_accuracy"] == evaluated["test_accuracy"]
+    assert (run_dir / "confusion_matrix.png").stat().st_mtime_ns == plot_time  # not evaluated again
+    client = mlflow_client(tmp_path)
+    run = only_run(client)
+    assert run.info.status == "FINISHED"
+    logged = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert len(logged) == 1  # the model was logged once, by the first attempt

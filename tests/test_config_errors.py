@@ -1,4 +1,4 @@
-"""A bad config: one line naming the bad value and what is allowed, exit 2, nothing written."""
+"""A bad config: one line naming the bad value and what is allowed, exit 2, nothing written (in process)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,21 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_FLOWERS, cli
+from conftest import SHARED_FLOWERS
+from finetune.cli import main
 
 FLOWERS = f"data.path={SHARED_FLOWERS}"
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """`finetune ARGV` in this process: exit status, stdout, stderr."""
+    status = 0
+    try:
+        main(list(argv))
+    except SystemExit as stopped:
+        status = stopped.code or 0
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
 
 
 @pytest.mark.parametrize(
@@ -34,21 +46,31 @@ FLOWERS = f"data.path={SHARED_FLOWERS}"
         (["backbone.weights=/no/such/file.h5", FLOWERS], ["/no/such/file.h5", "imagenet, null"]),
     ],
 )
-def test_bad_config_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, overrides: list[str], expected: list[str]) -> None:
-    result = cli(*overrides, cwd=tmp_path)
-    assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
+def test_bad_config_is_one_line_exit_2_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], overrides: list[str], expected: list[str]
+) -> None:
+    status, out, err = run_cli(capsys, *overrides)
+    assert status == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
     assert lines[0].startswith("finetune: error: ")
     for text in expected:
         assert text in lines[0]
-    assert "Traceback" not in result.stderr + result.stdout
-    assert list(tmp_path.iterdir()) == []  # no run directory, no MLflow database
+    assert "Traceback" not in err + out
+    assert list(tmp_path.iterdir()) == []  # the test's working folder: no run directory, no MLflow database
 
 
-def test_cfg_job_prints_resolved_config(tmp_path: Path) -> None:
-    result = cli("backbone=mobilenet_v2", "backbone.alpha=0.35", "--cfg", "job", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "name: mobilenet_v2" in result.stdout
-    assert "alpha: 0.35" in result.stdout
-    assert "unfreeze_blocks:" in result.stdout
+def test_cfg_job_prints_resolved_config(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = run_cli(capsys, "backbone=mobilenet_v2", "backbone.alpha=0.35", "--cfg", "job")
+    assert status == 0, err
+    assert "name: mobilenet_v2" in out
+    assert "alpha: 0.35" in out
+    assert "unfreeze_blocks:" in out
+
+
+def test_help_names_the_subcommands_and_groups(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = run_cli(capsys, "--help")
+    assert status == 0
+    assert "powered by Hydra" not in out
+    for text in ("finetune summary", "finetune export", "finetune predict", "finetune report", "backbone:", "tuner:"):
+        assert text in out
