@@ -140,17 +140,32 @@ def read_splits(csv_path: Path, root: Path, class_names: list[str]) -> dict[str,
     return splits
 
 
+AUGMENTATIONS = ("flip", "rotation", "zoom", "mixup")
+
+
+def augmentation_seeds(seed: int) -> dict[str, int]:
+    """One seed per augmentation, each a child of the run seed (NumPy's SeedSequence spawning).
+
+    Keras layers given the same integer seed draw the same random numbers, so one shared seed would flip,
+    rotate and zoom every image in lockstep. Seeds stay non-negative int32, which every Keras backend takes.
+    """
+    children = np.random.SeedSequence(seed).spawn(len(AUGMENTATIONS))
+    return {name: int(child.generate_state(1)[0]) & 0x7FFFFFFF for name, child in zip(AUGMENTATIONS, children)}
+
+
 def make_augmenter(augment_cfg: Any, seed: int) -> Augmenter | None:
     """Random flip/rotation/zoom, then MixUp of images and labels; applied in tf.data, never exported."""
+    seeds = augmentation_seeds(seed)
     layers = []
     if augment_cfg.flip:
-        layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
+        layers.append(keras.layers.RandomFlip("horizontal", seed=seeds["flip"]))
     if augment_cfg.rotation:
-        layers.append(keras.layers.RandomRotation(augment_cfg.rotation, fill_mode="reflect", seed=seed))
+        layers.append(keras.layers.RandomRotation(augment_cfg.rotation, fill_mode="reflect", seed=seeds["rotation"]))
     if augment_cfg.zoom:
-        layers.append(keras.layers.RandomZoom((-augment_cfg.zoom, augment_cfg.zoom), fill_mode="reflect", seed=seed))
+        zoom_range = (-augment_cfg.zoom, augment_cfg.zoom)
+        layers.append(keras.layers.RandomZoom(zoom_range, fill_mode="reflect", seed=seeds["zoom"]))
     geometric = keras.Sequential(layers, name="augment") if layers else None
-    mixup = keras.layers.MixUp(alpha=augment_cfg.mixup, seed=seed) if augment_cfg.mixup else None
+    mixup = keras.layers.MixUp(alpha=augment_cfg.mixup, seed=seeds["mixup"]) if augment_cfg.mixup else None
     if geometric is None and mixup is None:
         return None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import urllib.error
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,32 @@ def data_root(data_cfg: Any) -> Path:
     return tf_flowers_folder(Path(data_cfg.tfds_dir), Path(data_cfg.cache_dir))
 
 
+def network_errors() -> tuple[type[Exception], ...]:
+    """What TFDS's downloader raises when the network fails; anything else it raises is a bug, not an outage.
+
+    http(s) goes through requests (refused or broken connections, DNS, proxies, SSL, timeouts, retries
+    exhausted on 5xx), ftp through urllib; TFDS raises its own DownloadError for any other HTTP status.
+    """
+    import requests
+    import tensorflow_datasets as tfds
+
+    return (
+        requests.ConnectionError,
+        requests.Timeout,
+        requests.exceptions.RetryError,
+        requests.exceptions.ChunkedEncodingError,
+        urllib.error.URLError,
+        tfds.download.DownloadError,
+    )
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The innermost exception of a chain (requests wraps a refused connection three levels deep)."""
+    while (cause := error.__cause__ or error.__context__) is not None:
+        error = cause
+    return error
+
+
 def tf_flowers_folder(tfds_dir: Path, cache_dir: Path) -> Path:
     """Download tf_flowers with TFDS (once) and unpack it into cache_dir/flower_photos/<class>/."""
     target = cache_dir / "flower_photos"
@@ -28,8 +55,9 @@ def tf_flowers_folder(tfds_dir: Path, cache_dir: Path) -> Path:
     builder = tfds.builder("tf_flowers", data_dir=str(tfds_dir))
     try:
         builder.download_and_prepare()
-    except Exception as error:  # TFDS wraps network failures in many exception types
-        reason = " ".join(str(error).split())[:160]
+    except network_errors() as error:
+        cause = root_cause(error)
+        reason = " ".join(f"{type(cause).__name__}: {cause}".split())[:160]
         raise UsageError(
             f"tf_flowers could not be downloaded ({reason}); offline, pass data.path=/path/to/flower_photos"
         ) from error
