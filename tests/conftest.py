@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,12 @@ import pytest
 from PIL import Image
 
 import finetune  # noqa: F401  (quiets TensorFlow's C++ logging before any test imports it)
+from absl import logging as absl_logging
+
+# absl's handler (TensorFlow installs it) writes to the stderr of the moment it was made, here pytest's
+# capture file, and closes that file when logging is reconfigured, as a Hydra app run in process does;
+# pytest then loses its stderr. Python's own stderr is one absl never closes.
+absl_logging.get_absl_handler().python_handler.setStream(sys.__stderr__)
 
 PROJECT = Path(__file__).resolve().parent.parent
 SHARED = PROJECT.parent / "shared"
@@ -43,6 +51,16 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 _PROJECT_BEFORE = pytest.StashKey[set]()
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_it_was() -> Iterator[None]:
+    """A Hydra app run in process points the root logger at this test's captured stderr: undo that after it."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(autouse=True)

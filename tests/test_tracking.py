@@ -11,7 +11,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from finetune.tracking import flatten, tracked_run
+from finetune.config import flatten
+from finetune.tracking import tracked_run
 from finetune.trainer import RunState, balanced_class_weight
 
 
