@@ -27,6 +27,9 @@ class BackboneSpec:
     num_blocks: int
     weights_file: Callable[[dict[str, Any]], str]  # Keras's cache file name for the no-top weights
     extra_kwargs: tuple[str, ...] = field(default=())  # config keys passed straight to the constructor
+    # Keras's weights="imagenet" build (and only that build) rescales by 1/sqrt(ImageNet stddev) after its
+    # Normalization layer; weights derived from ImageNet expect that layer, also when they come from a file
+    imagenet_stddev_rescaling: bool = False
 
     def block_of(self, layer_name: str) -> str | None:
         """The block a layer belongs to ("final" for the last conv), or None for stem/other layers."""
@@ -126,6 +129,7 @@ BACKBONES: dict[str, BackboneSpec] = {
                 final_pattern=r"^top_",
                 num_blocks=_efficientnet_blocks(depth),
                 weights_file=_efficientnet_file(variant),
+                imagenet_stddev_rescaling=True,
             )
             for variant, depth in enumerate(_EFFICIENTNET_DEPTH)
         ],

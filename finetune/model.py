@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import keras
@@ -11,17 +12,15 @@ from finetune.config import UsageError
 from finetune.weights import missing_weights_message, resolve
 
 BACKBONE_LAYER = "backbone"
+IMAGENET_STDDEV_RGB = (0.229, 0.224, 0.225)  # keras.applications.efficientnet's own (non-public) constant
 
 
 def build_backbone(backbone_cfg: Any, weights_dir: str | None) -> keras.Model:
     """The headless keras.applications model, with the configured weights."""
     spec = BACKBONES[backbone_cfg.name]
-    size = backbone_cfg.input_size
-    kwargs = {key: backbone_cfg[key] for key in spec.extra_kwargs}
     weights = resolve(spec, backbone_cfg, weights_dir)
-    constructor = getattr(keras.applications, spec.constructor)
     try:
-        backbone = constructor(include_top=False, weights=weights, input_shape=(size, size, 3), **kwargs)
+        backbone = _keras_backbone(spec, backbone_cfg, weights)
     except Exception as error:  # Keras raises plain Exception/ValueError/OSError for a failed download or bad file
         if weights == "imagenet":
             raise UsageError(missing_weights_message(spec, backbone_cfg, weights_dir, error)) from error
@@ -31,6 +30,40 @@ def build_backbone(backbone_cfg: Any, weights_dir: str | None) -> keras.Model:
         raise
     backbone.name = BACKBONE_LAYER
     return backbone
+
+
+def _keras_backbone(spec: BackboneSpec, backbone_cfg: Any, weights: str | None) -> keras.Model:
+    """Keras's model for `weights` (None, "imagenet" or a file); a file is loaded into the imagenet model.
+
+    Keras builds EfficientNet differently for weights="imagenet" than for a file path, and ImageNet-derived
+    weights (Keras's own file from `weights_dir`, or a user's) only give the right outputs in the former.
+    """
+    size = backbone_cfg.input_size
+    kwargs = {key: backbone_cfg[key] for key in spec.extra_kwargs}
+    constructor = getattr(keras.applications, spec.constructor)
+    from_file = weights not in (None, "imagenet")
+    backbone = constructor(
+        include_top=False, weights=None if from_file else weights, input_shape=(size, size, 3), **kwargs
+    )
+    if from_file:
+        backbone = _as_imagenet_build(spec, backbone)
+        backbone.load_weights(weights)
+    return backbone
+
+
+def _as_imagenet_build(spec: BackboneSpec, backbone: keras.Model) -> keras.Model:
+    """Keras's weights=None model turned into the model Keras builds for weights="imagenet" (no weights yet)."""
+    if not spec.imagenet_stddev_rescaling:
+        return backbone
+    scale = [1.0 / math.sqrt(stddev) for stddev in IMAGENET_STDDEV_RGB]
+
+    def call_and_rescale_normalized(layer: keras.layers.Layer, *args: Any, **kwargs: Any) -> Any:
+        outputs = layer(*args, **kwargs)
+        if isinstance(layer, keras.layers.Normalization):
+            return keras.layers.Rescaling(scale)(outputs)
+        return outputs
+
+    return keras.models.clone_model(backbone, call_function=call_and_rescale_normalized)
 
 
 def build_classifier(cfg: Any, num_classes: int) -> keras.Model:

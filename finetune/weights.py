@@ -15,10 +15,10 @@ def keras_cache_dir() -> Path:
 
 
 def resolve(spec: BackboneSpec, backbone_cfg: Any, weights_dir: str | None) -> str | None:
-    """The `weights=` argument for the Keras constructor.
+    """The weights to build with: None, "imagenet" (Keras's cache or download) or a file path.
 
     `imagenet` becomes the path of Keras's own file in `weights_dir` when it is there; otherwise
-    Keras uses its cache or downloads it.
+    Keras uses its cache or downloads it. A file path is built as Keras's imagenet model (finetune.model).
     """
     weights = backbone_cfg.weights
     if weights is None:
