@@ -72,10 +72,9 @@ class TFLitePredictor:
 
     def run_one(self, image: np.ndarray) -> np.ndarray:
         """Probabilities for one HxWx3 uint8 image."""
-        scale, zero_point = self.input["quantization"]
         batch = image[None].astype("float32")
         if self.input["dtype"] != np.float32:
-            batch = np.round(batch / scale + zero_point)
+            batch = quantize(batch, *self.input["quantization"], self.input["dtype"])
         self.interpreter.set_tensor(self.input["index"], batch.astype(self.input["dtype"]))
         self.interpreter.invoke()
         out = self.interpreter.get_tensor(self.output["index"])[0].astype("float32")
@@ -84,6 +83,12 @@ class TFLitePredictor:
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         return np.stack([self.run_one(image) for image in images])
+
+
+def quantize(values: np.ndarray, scale: float, zero_point: int, dtype: type) -> np.ndarray:
+    """Values in an integer tensor's quantized form, clipped to the dtype's range (never wrapped around)."""
+    limits = np.iinfo(dtype)
+    return np.clip(np.round(values / scale + zero_point), limits.min, limits.max)
 
 
 def load_predictor(bundle: Path, fmt: str, threads: int | None = None) -> Predictor:

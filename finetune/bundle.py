@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,11 +21,10 @@ from finetune.artifacts import (
     artifact_path,
     load_predictor,
 )
+from finetune.bundle_folder import CARD_FILE, LABELS_FILE, METADATA_FILE, building
 from finetune.cost import Latency, intra_op_threads, measure_latency, time_calls
 
-LABELS_FILE = "labels.txt"
-METADATA_FILE = "metadata.json"
-CARD_FILE = "model_card.md"
+RAW_PIXELS = (1.0, 0)  # the int8 file's input scale and zero point: uint8 pixel values go in as they are
 
 
 @dataclass
@@ -70,7 +67,10 @@ def write_saved_model(model: keras.Model, path: Path, top_k: int) -> None:
 
 
 def convert_tflite(saved_model: Path, fmt: str, representative: np.ndarray) -> bytes:
-    """TFLite conversion of the fixed-size float endpoint (through the SavedModel, as Keras 3 needs)."""
+    """TFLite conversion of the fixed-size float endpoint (through the SavedModel, as Keras 3 needs).
+
+    The int8 model takes raw uint8 pixels: ExportError if its input quantization is not RAW_PIXELS.
+    """
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model), signature_keys=["serving_float"])
     if fmt == "tflite_float16":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -79,11 +79,39 @@ def convert_tflite(saved_model: Path, fmt: str, representative: np.ndarray) -> b
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     elif fmt == "tflite_int8":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = lambda: ([image[None].astype("float32")] for image in representative)
+        converter.representative_dataset = lambda: ([image[None]] for image in _full_range_calibration(representative))
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         converter.inference_input_type = tf.uint8  # raw pixels go straight in
         converter.inference_output_type = tf.uint8
-    return converter.convert()
+    model = converter.convert()
+    if fmt == "tflite_int8":
+        check_raw_pixel_input(model)
+    return model
+
+
+def _full_range_calibration(images: np.ndarray) -> np.ndarray:
+    """The calibration images as float32, with one black pixel (first image) and one white pixel (last image).
+
+    The converter quantizes the uint8 input with the calibrated range of the float input; a range of
+    exactly 0..255 gives scale 1 and zero point 0.
+    """
+    calibration = images.astype("float32")
+    calibration[0, 0, 0] = 0.0
+    calibration[-1, -1, -1] = 255.0
+    return calibration
+
+
+def check_raw_pixel_input(model: bytes) -> None:
+    """Fail loudly unless a TFLite model's input is uint8 with scale 1 and zero point 0."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    details = Interpreter(model_content=model).get_input_details()[0]
+    scale, zero_point = details["quantization"]
+    if details["dtype"] != np.uint8 or (scale, zero_point) != RAW_PIXELS:
+        raise ExportError(
+            f"tflite_int8 input is {np.dtype(details['dtype']).name} with scale {scale:.6g} and zero point "
+            f"{zero_point}; raw pixels need uint8 with scale 1 and zero point 0"
+        )
 
 
 def export_bundle(
@@ -101,10 +129,10 @@ def export_bundle(
 ) -> list[ArtifactReport]:
     """Write every requested format into out_dir, measure each on the test split, and check float parity.
 
-    The bundle is built in a sibling `.partial` folder and moved into place only when complete.
+    The bundle is built in a sibling `.partial` folder and moved into place only when complete (`bundle_folder`).
     """
     formats = list(export_cfg.formats)
-    with _building(out_dir) as partial:
+    with building(out_dir) as partial:
         model.save(artifact_path(partial, "keras"))
         write_saved_model(model, partial / SAVED_MODEL_DIR, top_k)
         for fmt in formats:
@@ -122,25 +150,6 @@ def export_bundle(
                 _remove(artifact_path(partial, fmt))
         write_model_card(partial, reports, {**metadata, "classes": class_names, "formats": formats})
     return reports
-
-
-@contextlib.contextmanager
-def _building(out_dir: Path) -> Iterator[Path]:
-    """A sibling `.partial` folder that replaces out_dir only when the block succeeds, and is removed otherwise."""
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
-        yield partial
-    except BaseException:  # failed or interrupted: no half bundle is left behind
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    old = out_dir.with_name(out_dir.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
-        out_dir.rename(old)
-    partial.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def measure_artifact(
@@ -192,8 +201,8 @@ def _artifact_latency(model: keras.Model, predictor: Any, fmt: str, image: np.nd
 def write_model_card(bundle: Path, reports: list[ArtifactReport], metadata: dict[str, Any]) -> None:
     """metadata.json (machine-readable) and model_card.md (for people)."""
     record = {**metadata, "artifacts": [asdict(report) for report in reports]}
-    (bundle / METADATA_FILE).write_text(json.dumps(record, indent=1, default=str))
     (bundle / CARD_FILE).write_text(render_card(record))
+    (bundle / METADATA_FILE).write_text(json.dumps(record, indent=1, default=str))  # last: marks the bundle complete
 
 
 def artifact_table(reports: list[dict[str, Any]]) -> str:
@@ -226,7 +235,7 @@ def render_card(record: dict[str, Any]) -> str:
 - Input: {record['input_size']}x{record['input_size']} RGB, raw 0..255 pixel values; preprocessing is inside every artifact
   (the SavedModel `serve` signature also resizes any uint8 image itself, bilinear).
 - Output: probabilities over {len(record['classes'])} classes, in the order of `labels.txt`: {', '.join(record['classes'])}.
-- TFLite int8: uint8 input (raw pixels) and uint8 output (probability x 256).
+- TFLite int8: uint8 input (raw pixels: scale 1, zero point 0) and uint8 output (probability x 256).
 
 ## Training
 - Dataset: {record['dataset']['name']} at `{record['dataset']['root']}`, split fingerprint `{record['dataset']['fingerprint']}`

@@ -77,9 +77,7 @@ def _log_bundle(bundle_dir: Path, reports: list[ArtifactReport]) -> None:
             f"export.{report.format}.{key}": getattr(report, key)
             for key in ("size_mb", "accuracy", "accuracy_delta", "top1_agreement", "latency_median_ms", "latency_p90_ms")
         })
-    for path in bundle_dir.iterdir():
-        if path.is_file():
-            mlflow.log_artifact(str(path), artifact_path=BUNDLE_DIR)
+    mlflow.log_artifacts(str(bundle_dir), artifact_path=BUNDLE_DIR)  # every file, the SavedModel folder too
 
 
 def resolve_run_dir(run: str, tracking_uri: str) -> Path:

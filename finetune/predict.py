@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.artifacts import FORMATS, artifact_path
+from finetune.bundle_folder import find_bundle
 from finetune.config import UsageError
 
 PREFERRED_FORMATS = ("tflite_float32", "tflite_float16", "tflite_dynamic", "tflite_int8", "saved_model", "keras")
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top-k", type=int, default=3, help="labels to show per image (default 3)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    bundle = Path(args.bundle).expanduser()
+    bundle = find_bundle(Path(args.bundle).expanduser())  # `.old` if an export crashed mid-swap
     try:
         if not bundle.is_dir():
             raise UsageError(f"bundle {bundle} is not a folder; give an export bundle (<run dir>/export)")

@@ -1,21 +1,29 @@
-"""Export bundle: every format written, loads and predicts; float parity; int8 is integer-only; atomicity."""
+"""Export bundle: every format written, loads and predicts; float parity; int8 is integer-only and takes raw pixels;
+atomicity; the bundle in MLflow."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter
+from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
+from PIL import Image
 
 from conftest import SHARED_WEIGHTS
 from finetune import bundle as bundle_module
-from finetune.artifacts import FLOAT_FORMATS, FORMATS, ExportError, artifact_path, load_predictor
-from finetune.bundle import export_bundle
+from finetune import export as export_module
+from finetune import predict
+from finetune.artifacts import FLOAT_FORMATS, FORMATS, ExportError, TFLitePredictor, artifact_path, load_predictor
+from finetune.bundle import convert_tflite, export_bundle
 from finetune.model import build_classifier
+from finetune.tracking import tracked_run
 
 SIZE = 64
 CLASSES = ["a", "b", "c"]
@@ -56,8 +64,9 @@ def images_and_labels(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def bundle(tmp_path_factory: pytest.TempPathFactory, trained_model: keras.Model) -> tuple[Path, list]:
     out = tmp_path_factory.mktemp("export") / "export"
     test_images, test_labels = images_and_labels(12, seed=2)
+    no_black_or_white = np.clip(images_and_labels(20, seed=3)[0], 16, 240)  # calibration; int8 input still 0..255
     reports = export_bundle(trained_model, out, class_names=CLASSES, test_images=test_images, test_labels=test_labels,
-                            representative=images_and_labels(20, seed=3)[0], export_cfg=EXPORT_CFG,
+                            representative=no_black_or_white, export_cfg=EXPORT_CFG,
                             latency_cfg=LATENCY_CFG, top_k=2, metadata=METADATA)
     return out, reports
 
@@ -108,10 +117,11 @@ def test_saved_model_serves_uint8_images_of_any_size(bundle: tuple[Path, list], 
     assert out["top_k_indices"].shape == (2, 2)
 
 
-def test_int8_model_is_integer_only(bundle: tuple[Path, list]) -> None:
+def test_int8_model_is_integer_only_and_takes_raw_pixels(bundle: tuple[Path, list]) -> None:
     interpreter = Interpreter(model_path=str(artifact_path(bundle[0], "tflite_int8")))
     interpreter.allocate_tensors()
     assert interpreter.get_input_details()[0]["dtype"] == np.uint8
+    assert interpreter.get_input_details()[0]["quantization"] == (1.0, 0)  # pixel values as they are
     assert interpreter.get_output_details()[0]["dtype"] == np.uint8
     float_tensors = [t["name"] for t in interpreter.get_tensor_details() if t["dtype"] == np.float32]
     assert float_tensors == []
@@ -139,3 +149,85 @@ def test_float_drift_beyond_tolerance_fails_loudly(tmp_path: Path, trained_model
         export_bundle(trained_model, tmp_path / "export", class_names=CLASSES, test_images=images, test_labels=labels,
                       representative=images, export_cfg=strict, latency_cfg=LATENCY_CFG, top_k=2, metadata=METADATA)
     assert list(tmp_path.iterdir()) == []
+
+
+class Brightness(tf.Module):
+    """Class 1 for bright images, class 0 for dark ones: a model small enough to convert in a test."""
+
+    @tf.function(input_signature=[tf.TensorSpec((1, 4, 4, 3), tf.float32)])
+    def __call__(self, images: tf.Tensor) -> tf.Tensor:
+        brightness = tf.reduce_mean(images, axis=[1, 2, 3])[:, None] / 255.0 - 0.5
+        return tf.nn.softmax(tf.matmul(brightness, tf.constant([[-8.0, 8.0]])))
+
+
+def solid_images(darkest: float, brightest: float) -> np.ndarray:
+    """21 one-colour 4x4 images from darkest to brightest: calibration that spans the model's whole range."""
+    return np.broadcast_to(np.linspace(darkest, brightest, 21)[:, None, None, None], (21, 4, 4, 3)).astype("uint8")
+
+
+@pytest.fixture(scope="module")
+def brightness_saved_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Brightness model as a SavedModel with a `serving_float` endpoint, like a bundle's."""
+    path = tmp_path_factory.mktemp("brightness") / "saved_model"
+    module = Brightness()
+    tf.saved_model.save(module, str(path), signatures={"serving_float": module.__call__})
+    return path
+
+
+@pytest.fixture(scope="module")
+def narrow_int8_model(tmp_path_factory: pytest.TempPathFactory, brightness_saved_model: Path) -> Path:
+    """An int8 Brightness model calibrated on pixels up to 200 only: its uint8 input scale is 200/255."""
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(brightness_saved_model), signature_keys=["serving_float"])
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: ([image[None].astype("float32")] for image in solid_images(0, 200))
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = converter.inference_output_type = tf.uint8
+    path = tmp_path_factory.mktemp("narrow") / "brightness_int8.tflite"
+    path.write_bytes(converter.convert())
+    return path
+
+
+def test_int8_predictor_clips_pixels_beyond_the_input_range(narrow_int8_model: Path) -> None:
+    predictor = TFLitePredictor(narrow_int8_model, threads=1)
+    scale, zero_point = predictor.input["quantization"]
+    assert (round(scale * 255), zero_point) == (200, 0)  # 255 is beyond the input's range
+    white, brightest = (np.full((1, 4, 4, 3), value, np.uint8) for value in (255, 200))
+    np.testing.assert_array_equal(predictor(white), predictor(brightest))  # saturates (wrapped: 255 -> 69, dark)
+    assert predictor(white)[0].argmax() == 1
+
+
+def test_int8_export_takes_raw_pixels_after_a_narrow_calibration(brightness_saved_model: Path) -> None:
+    model = convert_tflite(brightness_saved_model, "tflite_int8", solid_images(40, 200))
+    details = Interpreter(model_content=model).get_input_details()[0]
+    assert (details["dtype"], details["quantization"]) == (np.uint8, (1.0, 0))
+
+
+def test_an_int8_input_that_is_not_raw_pixels_fails_the_export(brightness_saved_model: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bundle_module, "_full_range_calibration", lambda images: images.astype("float32"))
+    with pytest.raises(ExportError, match="tflite_int8 input is uint8 with scale 0.7843.* and zero point 0; raw pixels"):
+        convert_tflite(brightness_saved_model, "tflite_int8", solid_images(0, 200))
+
+
+def test_predict_finds_the_bundle_a_crash_left_as_old(tmp_path: Path, bundle: tuple[Path, list],
+                                                      capsys: pytest.CaptureFixture) -> None:
+    shutil.copytree(bundle[0], tmp_path / "export.old")  # a crash between the swap's two renames
+    Image.fromarray(images_and_labels(1, seed=7)[0][0]).save(tmp_path / "photo.png")
+    with pytest.raises(SystemExit) as exit_status:
+        predict.main([str(tmp_path / "export"), str(tmp_path / "photo.png"), "--json"])
+    assert exit_status.value.code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["bundle"] == str(tmp_path / "export.old")
+    assert result["results"][0]["predictions"][0]["label"] in CLASSES
+
+
+def test_the_bundle_is_logged_to_mlflow_with_its_saved_model(tmp_path: Path, bundle: tuple[Path, list]) -> None:
+    mlflow_cfg = OmegaConf.create({"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "export",
+                                   "artifact_location": str(tmp_path / "artifacts"), "run_name": None})
+    with tracked_run(mlflow_cfg, None, {}) as run:
+        export_module._log_bundle(*bundle)
+    client = MlflowClient(mlflow_cfg.tracking_uri)
+    logged = {artifact.path for artifact in client.list_artifacts(run.info.run_id, "export")}
+    assert {f"export/{path.name}" for path in bundle[0].iterdir()} == logged
+    saved_model = {artifact.path for artifact in client.list_artifacts(run.info.run_id, "export/saved_model")}
+    assert {"export/saved_model/saved_model.pb", "export/saved_model/variables"} <= saved_model
