@@ -6,6 +6,7 @@ Config errors and refused run folders exit 2 with one line, before anything is w
 from __future__ import annotations
 
 import importlib
+import itertools
 import shutil
 import sys
 from dataclasses import dataclass
@@ -39,32 +40,58 @@ def fail(error: UsageError) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Dispatch subcommands; check the config and the run folder before Hydra writes anything; run the app."""
-    global folder_before
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in SUBCOMMANDS:
         if argv[0] != "report":  # the report reads MLflow only
             quiet.import_tensorflow()
         importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
         return
-    if not any(arg.startswith("-") for arg in argv):  # Hydra's own flags (--cfg, -m, --help) go straight through
-        try:
-            cfg = compose(argv, hydra_node=True)
-            run_dir = Path(cfg.hydra.run.dir)
-            with open_dict(cfg):
-                del cfg["hydra"]
-            validate(cfg)
-            runfolder.check(run_dir, cfg)
-        except UsageError as error:
-            fail(error)
-        if not any(arg.startswith("hydra.run.dir=") for arg in argv):
-            argv = [*argv, f"hydra.run.dir={run_dir}"]  # the folder just checked, not a second ${now:} reading
-        folder_before = FolderSnapshot.take(run_dir)
+    try:
+        if not any(arg.startswith("-") for arg in argv):  # Hydra's own flags (--cfg, --help) go straight through
+            argv = _check_run(argv)
+        elif {"-m", "--multirun"} & set(argv):
+            _check_sweep([arg for arg in argv if not arg.startswith("-")])
+    except UsageError as error:
+        fail(error)
     interrupts.install()  # Ctrl-C and `kill`: state saved, MLflow run marked KILLED, resume command printed
     sys.argv = [sys.argv[0], *argv]
     _hydra_app()
     if failed_jobs:
         print(f"finetune: {len(failed_jobs)} sweep job(s) failed: {', '.join(failed_jobs)}", file=sys.stderr)
         sys.exit(USAGE_EXIT)
+
+
+def _check_run(argv: list[str]) -> list[str]:
+    """Check the config and the run folder; return the overrides with the checked folder made explicit."""
+    global folder_before
+    cfg = compose(argv, hydra_node=True)
+    run_dir = Path(cfg.hydra.run.dir)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    validate(cfg)
+    runfolder.check(run_dir, cfg)
+    folder_before = FolderSnapshot.take(run_dir)
+    if any(arg.startswith("hydra.run.dir=") for arg in argv):
+        return argv
+    return [*argv, f"hydra.run.dir={run_dir}"]  # the folder just checked, not a second ${now:} reading
+
+
+SWEEP_CHECK_LIMIT = 256  # jobs composed before a sweep starts; beyond that, each job checks itself
+
+
+def _check_sweep(overrides: list[str]) -> None:
+    """Every job of a sweep must compose: a value of the wrong type would stop Hydra's launch with a traceback.
+
+    Settings that compose but do not fit together (an alpha without ImageNet weights, say) stop only their
+    own job, with one line, while the other jobs run.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    values = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
+              else [o.input_line] for o in parsed]
+    for job in itertools.islice(itertools.product(*values), SWEEP_CHECK_LIMIT):
+        compose(list(job))
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, s
         (["mode=tune", "tuner.unfreeze_blocks=[2,99]", FLOWERS], ["tuner.unfreeze_blocks has 99", "0..15"]),
         (["mode=tune", "backbone=efficientnet_b0", "tuner.alpha=[1.0]", FLOWERS], ["tuner.alpha is set", "no alpha"]),
         (["backbone.weights=/no/such/file.h5", FLOWERS], ["/no/such/file.h5", "imagenet, null"]),
+        (["-m", "seed=1,abc", FLOWERS], ["seed=abc", "whole number"]),  # a sweep: every job composed first
     ],
 )
 def test_bad_config_is_one_line_exit_2_and_writes_nothing(
