@@ -79,14 +79,17 @@ def identity(cfg: DictConfig) -> dict[str, Any]:
     return flat
 
 
+def _plain(node: Any) -> Any:
+    """A config node as plain data (resolved); a leaf as it is."""
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
 def stage_key(cfg: DictConfig, stage: str, manifest: Manifest) -> str:
     """A key of everything a stage's result depends on: its config sections and (the keys of) the stages it uses."""
     sections, uses = STAGES[stage]
     if stage == "train":
         return manifest.data["identity_hash"]
-    settings = {section: OmegaConf.to_container(OmegaConf.select(cfg, section), resolve=True)
-                if OmegaConf.is_config(OmegaConf.select(cfg, section)) else OmegaConf.select(cfg, section)
-                for section in sections}
+    settings = {section: _plain(OmegaConf.select(cfg, section)) for section in sections}
     return _digest({"settings": settings, "uses": [stage_key(cfg, used, manifest) for used in uses]})
 
 
