@@ -22,6 +22,7 @@ from finetune.artifacts import ExportError
 from finetune.bundle import ArtifactReport, artifact_table, export_bundle
 from finetune.config import UsageError, validate_export
 from finetune.dataset import Split, load_images, read_splits
+from finetune.quantization import Int8Data
 from finetune.runfolder import MANIFEST_FILE, Manifest
 
 BUNDLE_DIR = "export"
@@ -38,10 +39,6 @@ def export_run(
     """Build the bundle for a trained model and record it in the active MLflow run."""
     size = cfg.backbone.input_size
     test_images = load_images(splits["test"].paths, size)
-    rng = np.random.default_rng(cfg.seed)
-    train_paths = splits["train"].paths
-    chosen = rng.choice(len(train_paths), min(cfg.export.representative_images, len(train_paths)), replace=False)
-    representative = load_images([train_paths[i] for i in sorted(chosen)], size)
     run = mlflow.active_run()
     metadata = {
         "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
@@ -59,7 +56,7 @@ def export_run(
         class_names=class_names,
         test_images=test_images,
         test_labels=np.asarray(splits["test"].labels),
-        representative=representative,
+        int8_data=int8_data(splits, size, cfg.seed),
         export_cfg=cfg.export,
         latency_cfg=cfg.latency,
         top_k=cfg.evaluate.top_k,
@@ -69,6 +66,18 @@ def export_run(
     if run:
         _log_bundle(bundle_dir, reports)
     return reports
+
+
+def int8_data(splits: dict[str, Split], size: int, seed: int) -> Int8Data:
+    """The validation split that chooses the int8 recipe, and training images (in a fixed random order) to calibrate."""
+    train_paths = splits["train"].paths
+    order = np.random.default_rng(seed).permutation(len(train_paths))
+
+    def training_images(count: int) -> np.ndarray:
+        return load_images([train_paths[i] for i in sorted(order[:count])], size)
+
+    val = splits["val"]
+    return Int8Data(load_images(val.paths, size), np.asarray(val.labels), training_images, len(train_paths))
 
 
 def _log_bundle(bundle_dir: Path, reports: list[ArtifactReport]) -> None:

@@ -224,9 +224,16 @@ class Tolerance:
 
 
 @dataclass
+class Int8:
+    max_drop: float = leaf(Rule(low=0, high=1))
+    integer_only: bool = leaf(FLAG)
+
+
+@dataclass
 class Export:
     formats: List[str] = leaf(Rule(choices=FORMATS))
     representative_images: int = leaf(at_least(1))
+    int8: Int8 = field(default_factory=Int8)
     tolerance: Tolerance = field(default_factory=Tolerance)
     tflite_threads: Optional[int] = leaf(at_least(1))
     register_model: Optional[str] = leaf(NAME)
