@@ -20,9 +20,10 @@ from omegaconf import DictConfig, OmegaConf
 from finetune import tracking
 from finetune.artifacts import ExportError
 from finetune.bundle import ArtifactReport, artifact_table, export_bundle
-from finetune.config import UsageError, validate_export
+from finetune.bundle_folder import METADATA_FILE
+from finetune.config import CONF_DIR, UsageError, validate_export
 from finetune.dataset import Split, load_images, read_splits
-from finetune.quantization import Int8Data
+from finetune.quantization import Int8Data, summary
 from finetune.runfolder import MANIFEST_FILE, Manifest
 
 BUNDLE_DIR = "export"
@@ -63,6 +64,9 @@ def export_run(
         metadata=metadata,
     )
     print(f"\nExport bundle in {bundle_dir} (measured on {len(test_images)} test images):\n{artifact_table([asdict(r) for r in reports])}")
+    int8 = json.loads((bundle_dir / METADATA_FILE).read_text()).get("int8")
+    if int8:
+        print(summary(int8))
     if run:
         _log_bundle(bundle_dir, reports)
     return reports
@@ -107,6 +111,11 @@ def resolve_run_dir(run: str, tracking_uri: str) -> Path:
     return Path(tags["run_dir"])
 
 
+def with_new_keys(saved: DictConfig) -> DictConfig:
+    """A saved run's export settings, with the default of every key added since the run (export.int8.*)."""
+    return OmegaConf.merge(OmegaConf.load(CONF_DIR / "export" / "default.yaml"), saved)
+
+
 def export_saved_run(run_dir: Path, formats: list[str] | None) -> list[ArtifactReport]:
     """Export the model a finished run saved, with its own config and data splits."""
     needed = [run_dir / name for name in ("config.yaml", "model.keras", "data_splits.csv", "metrics.json", MANIFEST_FILE)]
@@ -114,6 +123,7 @@ def export_saved_run(run_dir: Path, formats: list[str] | None) -> list[ArtifactR
     if missing:
         raise UsageError(f"{run_dir} is not a finished run directory (missing {', '.join(missing)})")
     cfg = OmegaConf.load(run_dir / "config.yaml")
+    cfg.export = with_new_keys(cfg.export)
     if formats is not None:
         cfg.export.formats = formats
     validate_export(cfg.export)

@@ -317,6 +317,15 @@ def float_ops(model: bytes) -> list[str]:
     return found
 
 
+def summary(record: dict[str, Any]) -> str:
+    """One line for the terminal: the recipe kept and what it lost on validation."""
+    verdict = "within" if record["within_budget"] else "none of the recipes tried was within"
+    return (f"int8 recipe {record['recipe']} ({len(record['float_ops'])} ops kept float, "
+            f"{'integer-only' if record['integer_only'] else 'not integer-only'}): validation accuracy "
+            f"{record['val_accuracy']:.4f} against float {record['float_val_accuracy']:.4f}, {verdict} "
+            f"export.int8.max_drop={record['max_drop']}")
+
+
 def render(record: dict[str, Any]) -> str:
     """The model card's int8 section."""
     verdict = (f"the first recipe that lost at most {record['max_drop']:.3f} in validation accuracy"

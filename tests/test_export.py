@@ -21,6 +21,7 @@ from finetune import export as export_module
 from finetune import predict, quantization
 from finetune.artifacts import FLOAT_FORMATS, FORMATS, ExportError, TFLitePredictor, artifact_path, load_predictor
 from finetune.bundle import convert_tflite, export_bundle
+from finetune.config import UsageError, compose, validate_export
 from finetune.quantization import Int8Data
 from finetune.model import build_classifier
 from finetune.tracking import tracked_run
@@ -145,6 +146,18 @@ def test_the_card_and_metadata_say_how_int8_was_quantized(bundle: tuple[Path, li
     card = (out / "model_card.md").read_text()
     assert f"- Recipe `{record['recipe']}`, calibrated on {record['calibration_images']} training images" in card
     assert f"| int8 file | {record['val_accuracy']:.4f} | {record['test_accuracy']:.4f} |" in card
+
+
+def test_a_run_saved_before_the_int8_keys_exports_with_their_defaults() -> None:
+    defaults = compose([]).export
+    saved = OmegaConf.create(OmegaConf.to_container(defaults))
+    del saved["int8"]
+    saved.formats = ["tflite_int8"]
+    with pytest.raises(UsageError, match="export.int8.max_drop must be set"):
+        validate_export(saved)
+    settings = export_module.with_new_keys(saved)
+    validate_export(settings)
+    assert (settings.int8, list(settings.formats)) == (defaults.int8, ["tflite_int8"])
 
 
 def test_failed_export_leaves_no_bundle(tmp_path: Path, trained_model: keras.Model, monkeypatch: pytest.MonkeyPatch) -> None:

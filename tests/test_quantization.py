@@ -163,7 +163,10 @@ def test_ops_kept_float_rescue_what_calibration_cannot(outlier: tuple[Path, Int8
     assert (choice.recipe, choice.within_budget, choice.integer_only) == ("int8_float_ops", True, False)
     assert choice.float_ops and choice.input == quantization.INPUTS["uint8"]  # still raw uint8 pixels in
     measured = {"accuracy": 0.5, "size_mb": 0.01, "latency_median_ms": 0.1, "latency_p90_ms": 0.2}
-    card = quantization.render(choice.record(measured, float_test_accuracy=1.0))
+    record = choice.record(measured, float_test_accuracy=1.0)
+    assert quantization.summary(record).startswith(
+        f"int8 recipe int8_float_ops ({len(choice.float_ops)} ops kept float, not integer-only): validation accuracy 1.0000")
+    card = quantization.render(record)
     assert f"Ops kept in float ({len(choice.float_ops)}): `{choice.float_ops[0]}`" in card
     assert "Integer-only: no (NPUs and Edge TPUs need integer-only models)" in card
     assert "| loss | +0.0000 | +0.5000 |" in card
