@@ -38,7 +38,7 @@ SHARED_FLOWERS = ROOT.parent / "shared" / "data" / "flower_photos"
 COLUMNS = {"phase1_best_val_accuracy": "p1_val", "phase2_best_val_accuracy": "p2_val",
            "final_val_accuracy": "final_val", "test_accuracy": "held_out"}
 # the bundle's metadata.json `int8` key -> column (with --export)
-INT8_COLUMNS = {"float_val_accuracy": "float_val", "val_accuracy": "int8_val",
+INT8_COLUMNS = {"float_val_accuracy": "float_val", "val_accuracy": "int8_val", "val_lost": "val_lost",
                 "float_test_accuracy": "float_ho", "test_accuracy": "int8_ho", "test_drop": "ho_drop"}
 
 

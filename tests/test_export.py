@@ -142,6 +142,7 @@ def test_the_card_and_metadata_say_how_int8_was_quantized(bundle: tuple[Path, li
         measured.accuracy, measured.size_mb, measured.latency_median_ms)
     assert record["float_test_accuracy"] == pytest.approx(measured.accuracy - measured.accuracy_delta)
     assert record["val_drop"] == pytest.approx(record["float_val_accuracy"] - record["val_accuracy"])
+    assert record["val_lost"] >= record["val_drop"] and record["within_budget"] == (record["val_lost"] <= 0.01)
     assert record["integer_only"] == (record["float_ops"] == [] and record["recipe"] != "int16x8")
     card = (out / "model_card.md").read_text()
     assert f"- Recipe `{record['recipe']}`, calibrated on {record['calibration_images']} training images" in card

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import keras
@@ -15,7 +16,7 @@ from finetune import quantization
 from finetune.artifacts import TFLitePredictor
 from finetune.dataset import Split
 from finetune.export import int8_data
-from finetune.quantization import Candidate, Int8Data, choose, choose_int8
+from finetune.quantization import Candidate, Int8Data, Verdicts, choose, choose_int8
 
 SIZE = 4
 
@@ -87,13 +88,29 @@ def outlier(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Int8Data]:
     return saved(OutlierBrightness(), tmp_path_factory.mktemp("outlier") / "saved_model"), data
 
 
-def injected(recipes: list[tuple[str, float]], converted: list[str]) -> tuple[list, dict]:
-    """Candidates whose 'model' is their place and name, converted lazily (recorded in `converted`), and their accuracies."""
-    def generate():
+LABELS = np.zeros(100, int)
+FLOAT_PREDICTIONS = np.r_[np.zeros(90, int), np.ones(10, int)]  # float: 90 right, the last 10 wrong
+
+
+def predictions(lost: int, gained: int = 0) -> np.ndarray:
+    """The float model's predictions with `lost` of its right ones made wrong and `gained` of its wrong ones right."""
+    changed = FLOAT_PREDICTIONS.copy()
+    changed[:lost] = 1
+    changed[100 - gained:] = 0
+    return changed
+
+
+def injected(recipes: list[tuple[str, np.ndarray]], converted: list[str]) -> tuple[Iterator[Candidate], dict]:
+    """Candidates whose 'model' is their place and name, converted lazily (recorded in `converted`), and their predictions."""
+    def generate() -> Iterator[Candidate]:
         for place, (recipe, _) in enumerate(recipes):
             converted.append(recipe)
             yield Candidate(recipe, f"{place} {recipe}".encode(), 10, 0.0)
-    return generate(), {f"{place} {recipe}".encode(): accuracy for place, (recipe, accuracy) in enumerate(recipes)}
+    return generate(), {f"{place} {recipe}".encode(): predicted for place, (recipe, predicted) in enumerate(recipes)}
+
+
+def budget(max_drop: float = 0.01) -> Verdicts:
+    return Verdicts(FLOAT_PREDICTIONS, LABELS, max_drop)
 
 
 @pytest.fixture()
@@ -107,26 +124,37 @@ def any_file_is_integer_plain_int8(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.usefixtures("any_file_is_integer_plain_int8")
 def test_recipes_are_tried_in_order_and_the_first_within_budget_is_kept() -> None:
     converted: list[str] = []
-    recipes, accuracy = injected([("int8", 0.85), ("int8_more_calibration", 0.88), ("int8_float_ops", 0.895),
-                                  ("int8_float_ops", 0.90), ("int16x8", 0.90)], converted)
-    choice = choose(recipes, accuracy.__getitem__, float_accuracy=0.90, max_drop=0.01)
-    assert (choice.recipe, choice.val_accuracy, choice.within_budget) == ("int8_float_ops", 0.895, True)
+    recipes, predicted = injected([("int8", predictions(5)), ("int8_more_calibration", predictions(2)),
+                                   ("int8_float_ops", predictions(1)), ("int8_float_ops", predictions(0)),
+                                   ("int16x8", predictions(0))], converted)
+    choice = choose(recipes, predicted.__getitem__, budget())
+    assert (choice.recipe, choice.val_lost, choice.within_budget) == ("int8_float_ops", 0.01, True)
     assert [t["recipe"] for t in choice.tried] == ["int8", "int8_more_calibration", "int8_float_ops"]
     assert converted == ["int8", "int8_more_calibration", "int8_float_ops"]  # nothing after the first within budget
-    assert choice.val_drop == pytest.approx(0.005)
+    assert (choice.float_val_accuracy, choice.val_accuracy) == (0.9, 0.89)
+    assert choice.val_drop == pytest.approx(0.01)
 
 
 @pytest.mark.usefixtures("any_file_is_integer_plain_int8")
-def test_a_drop_of_exactly_the_budget_is_within_it() -> None:
-    recipes, accuracy = injected([("int8", 0.89), ("int8_more_calibration", 0.90)], [])
-    assert choose(recipes, accuracy.__getitem__, float_accuracy=0.90, max_drop=0.01).recipe == "int8"
+def test_images_gained_by_luck_do_not_pay_for_images_lost() -> None:
+    """Losing 3 images and gaining 3 is no loss of accuracy, but 3 images lost: over a budget of 1."""
+    recipes, predicted = injected([("int8", predictions(3, gained=3)), ("int8_more_calibration", predictions(1))], [])
+    choice = choose(recipes, predicted.__getitem__, budget())
+    assert choice.tried[0]["val_drop"] == 0 and choice.tried[0]["val_lost"] == 0.03
+    assert choice.recipe == "int8_more_calibration"
 
 
 @pytest.mark.usefixtures("any_file_is_integer_plain_int8")
-def test_when_no_recipe_is_within_budget_the_best_is_kept_and_said() -> None:
-    recipes, accuracy = injected([("int8", 0.80), ("int8_more_calibration", 0.86), ("int8_float_ops", 0.86),
-                                  ("int16x8", 0.84)], [])
-    choice = choose(recipes, accuracy.__getitem__, float_accuracy=0.90, max_drop=0.01)
+def test_a_loss_of_exactly_the_budget_is_within_it() -> None:
+    recipes, predicted = injected([("int8", predictions(1)), ("int8_more_calibration", predictions(0))], [])
+    assert choose(recipes, predicted.__getitem__, budget()).recipe == "int8"
+
+
+@pytest.mark.usefixtures("any_file_is_integer_plain_int8")
+def test_when_no_recipe_is_within_budget_the_one_that_lost_least_is_kept_and_said() -> None:
+    recipes, predicted = injected([("int8", predictions(8)), ("int8_more_calibration", predictions(4)),
+                                   ("int8_float_ops", predictions(4, gained=2)), ("int16x8", predictions(6))], [])
+    choice = choose(recipes, predicted.__getitem__, budget())
     assert (choice.recipe, choice.within_budget) == ("int8_more_calibration", False)  # the earliest of the best
     assert len(choice.tried) == 4
     assert choice.model == b"1 int8_more_calibration"
@@ -169,7 +197,7 @@ def test_ops_kept_float_rescue_what_calibration_cannot(outlier: tuple[Path, Int8
     card = quantization.render(record)
     assert f"Ops kept in float ({len(choice.float_ops)}): `{choice.float_ops[0]}`" in card
     assert "Integer-only: no (NPUs and Edge TPUs need integer-only models)" in card
-    assert "| loss | +0.0000 | +0.5000 |" in card
+    assert "| accuracy loss | +0.0000 | +0.5000 |" in card
 
 
 def test_integer_only_keeps_integer_recipes_and_reports_the_drop(outlier: tuple[Path, Int8Data]) -> None:
@@ -256,6 +284,6 @@ def test_the_recipe_is_chosen_on_validation_images_only(tmp_path: Path, monkeypa
     assert (data.val_images == 150).all() and list(data.val_labels) == [0, 1, 0, 1]
     assert (data.training_images(3) == 50).all() and data.training_count == 4
     seen = []
-    monkeypatch.setattr(quantization, "tflite_accuracy", lambda model, images, labels, threads: seen.append(images) or 0.0)
+    monkeypatch.setattr(quantization, "tflite_predictions", lambda model, images, threads: seen.append(images) or 1 - data.val_labels)
     choose_int8(KerasLike(Brightness()), saved(Brightness(), tmp_path / "sm"), data, export_cfg(representative_images=2))
     assert len(seen) >= 2 and all(images is data.val_images for images in seen)
