@@ -286,9 +286,7 @@ def convert_int16x8(saved_model: Path, calibration: np.ndarray) -> bytes:
 
 def check_raw_pixel_input(model: bytes) -> None:
     """Fail loudly unless a TFLite model's input is uint8 with scale 1 and zero point 0."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    details = Interpreter(model_content=model).get_input_details()[0]
+    details = _interpreter(model).get_input_details()[0]
     scale, zero_point = details["quantization"]
     if details["dtype"] != np.uint8 or (scale, zero_point) != RAW_PIXELS:
         raise ExportError(
