@@ -106,7 +106,7 @@ def choose_int8(model: keras.Model, saved_model: Path, data: Int8Data, export_cf
     """Try the recipes in order on the validation split; keep the first within export.int8.max_drop (else the best)."""
     float_predictions = np.asarray(model.predict(data.val_images.astype("float32"), verbose=0)).argmax(-1)
     recipes = candidates(saved_model, data, export_cfg.representative_images, export_cfg.int8.integer_only)
-    predict = partial(tflite_predictions, images=data.val_images, threads=export_cfg.tflite_threads)
+    predict = partial(tflite_predictions, images=data.val_images)
     return choose(recipes, predict, Verdicts(float_predictions, data.val_labels, export_cfg.int8.max_drop),
                   export_cfg.int8.integer_only)
 
@@ -295,12 +295,12 @@ def check_raw_pixel_input(model: bytes) -> None:
         )
 
 
-def tflite_predictions(model: bytes, images: np.ndarray, threads: int | None) -> np.ndarray:
-    """Top-1 classes of a TFLite model run by LiteRT, fed as `finetune predict` feeds it."""
+def tflite_predictions(model: bytes, images: np.ndarray) -> np.ndarray:
+    """Top-1 classes of a TFLite model run by LiteRT (a thread per core), fed as `finetune predict` feeds it."""
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "candidate.tflite"
         path.write_bytes(model)
-        return TFLitePredictor(path, threads)(images).argmax(-1)
+        return TFLitePredictor(path)(images).argmax(-1)
 
 
 def _interpreter(model: bytes) -> Any:

@@ -73,7 +73,7 @@ def solid(grey: np.ndarray, red: np.ndarray | None = None) -> np.ndarray:
 
 
 def export_cfg(max_drop: float = 0.01, integer_only: bool = False, representative_images: int = 20) -> object:
-    return OmegaConf.create({"representative_images": representative_images, "tflite_threads": 1,
+    return OmegaConf.create({"representative_images": representative_images,
                              "int8": {"max_drop": max_drop, "integer_only": integer_only}})
 
 
@@ -284,6 +284,6 @@ def test_the_recipe_is_chosen_on_validation_images_only(tmp_path: Path, monkeypa
     assert (data.val_images == 150).all() and list(data.val_labels) == [0, 1, 0, 1]
     assert (data.training_images(3) == 50).all() and data.training_count == 4
     seen = []
-    monkeypatch.setattr(quantization, "tflite_predictions", lambda model, images, threads: seen.append(images) or 1 - data.val_labels)
+    monkeypatch.setattr(quantization, "tflite_predictions", lambda model, images: seen.append(images) or 1 - data.val_labels)
     choose_int8(KerasLike(Brightness()), saved(Brightness(), tmp_path / "sm"), data, export_cfg(representative_images=2))
     assert len(seen) >= 2 and all(images is data.val_images for images in seen)
