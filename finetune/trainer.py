@@ -18,6 +18,7 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from finetune import interrupts
 from finetune.backbones import BACKBONES
+from finetune.checkpoints import BestCheckpoint, repair_backup
 from finetune.evaluate import effective_top_k
 from finetune.model import freeze_backbone, model_backbone, unfreeze_top_blocks
 from finetune.runfolder import write_json
@@ -198,17 +199,12 @@ def _run_phase(
     key = f"phase{phase}"
     if state.get(key):
         return PhaseResult(**state.get(key))
+    backup_dir = run_dir / "checkpoints" / f"backup_{key}"
+    repair_backup(backup_dir)
     callbacks = [  # the recorder runs before the backup, so a resumed run never misses a recorded epoch
+        BestCheckpoint(best_path, state.best_val_accuracy()),
         EpochRecorder(phase, state),
-        keras.callbacks.BackupAndRestore(str(run_dir / "checkpoints" / f"backup_{key}"), double_checkpoint=True),
-        keras.callbacks.ModelCheckpoint(
-            str(best_path),
-            monitor="val_accuracy",
-            mode="max",
-            save_best_only=True,
-            save_weights_only=True,
-            initial_value_threshold=state.best_val_accuracy(),
-        ),
+        keras.callbacks.BackupAndRestore(str(backup_dir), double_checkpoint=True),
         keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=patience),
         StopOnSignal(),  # last: an epoch's checkpoints are written before it stops
     ]
