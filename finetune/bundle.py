@@ -23,6 +23,7 @@ from finetune.artifacts import (
 )
 from finetune.bundle_folder import CARD_FILE, LABELS_FILE, METADATA_FILE, building
 from finetune.cost import Latency, intra_op_threads, measure_latency, time_calls
+from finetune.tflite_metadata import add_metadata
 
 RAW_PIXELS = (1.0, 0)  # the int8 file's input scale and zero point: uint8 pixel values go in as they are
 
@@ -135,10 +136,11 @@ def export_bundle(
     with building(out_dir) as partial:
         model.save(artifact_path(partial, "keras"))
         write_saved_model(model, partial / SAVED_MODEL_DIR, top_k)
+        (partial / LABELS_FILE).write_text("".join(name + "\n" for name in class_names))
         for fmt in formats:
             if fmt in TFLITE_FORMATS:
                 artifact_path(partial, fmt).write_bytes(convert_tflite(partial / SAVED_MODEL_DIR, fmt, representative))
-        (partial / LABELS_FILE).write_text("".join(name + "\n" for name in class_names))
+                add_metadata(artifact_path(partial, fmt), partial / LABELS_FILE, metadata)
 
         reference = np.asarray(model.predict(test_images.astype("float32"), batch_size=32, verbose=0))
         reports = [
