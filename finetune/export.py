@@ -34,14 +34,15 @@ def export_run(
     splits: dict[str, Split],
     dataset: dict[str, Any],
     bundle_dir: Path,
+    headline: dict[str, Any] | None = None,
 ) -> list[ArtifactReport]:
-    """Build the bundle for a trained model and record it in the active MLflow run."""
+    """Build the bundle for a trained model and record it in the active MLflow run.
+
+    headline: the run's own latency protocol and figures (metrics.json `latency_protocol`), for the model card.
+    """
     size = cfg.backbone.input_size
     test_images = load_images(splits["test"].paths, size)
-    rng = np.random.default_rng(cfg.seed)
-    train_paths = splits["train"].paths
-    chosen = rng.choice(len(train_paths), min(cfg.export.representative_images, len(train_paths)), replace=False)
-    representative = load_images([train_paths[i] for i in sorted(chosen)], size)
+    representative = calibration_images(cfg, splits)
     run = mlflow.active_run()
     metadata = {
         "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
@@ -50,7 +51,7 @@ def export_run(
         "mlflow_run_id": run.info.run_id if run else None,
         "versions": {name: version(name) for name in ("tensorflow", "keras", "ai-edge-litert", "mlflow")},
         "machine": f"{platform.machine()}, {platform.processor() or 'unknown cpu'}, {os.cpu_count()} cores",
-        "latency": {"warmup": cfg.latency.warmup, "runs": cfg.latency.runs},
+        "latency": {**OmegaConf.to_container(cfg.latency, resolve=True), "headline": headline},
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     reports = export_bundle(
@@ -69,6 +70,14 @@ def export_run(
     if run:
         _log_bundle(bundle_dir, reports)
     return reports
+
+
+def calibration_images(cfg: DictConfig, splits: dict[str, Split]) -> np.ndarray:
+    """The training images that calibrate int8: export.representative_images of them (all when fewer), by the seed."""
+    rng = np.random.default_rng(cfg.seed)
+    train_paths = splits["train"].paths
+    chosen = rng.choice(len(train_paths), min(cfg.export.representative_images, len(train_paths)), replace=False)
+    return load_images([train_paths[i] for i in sorted(chosen)], cfg.backbone.input_size)
 
 
 def _log_bundle(bundle_dir: Path, reports: list[ArtifactReport]) -> None:
@@ -114,7 +123,8 @@ def export_saved_run(run_dir: Path, formats: list[str] | None) -> list[ArtifactR
     splits = read_splits(run_dir / "data_splits.csv", Path(dataset["root"]), metrics["classes"])
     model = keras.saving.load_model(run_dir / "model.keras", safe_mode=True)
     with tracking.tracked_run(cfg.mlflow, mlflow_run.get("run_id"), {}):
-        return export_run(cfg, model, metrics["classes"], splits, dataset, run_dir / BUNDLE_DIR)
+        return export_run(cfg, model, metrics["classes"], splits, dataset, run_dir / BUNDLE_DIR,
+                          metrics.get("latency_protocol"))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -32,9 +32,8 @@ from finetune.tracking import tracked_run
 
 SIZE = 64
 CLASSES = ["a", "b", "c"]
-EXPORT_CFG = OmegaConf.create({"formats": list(FORMATS), "tflite_threads": 1,
-                               "tolerance": {"float32": 1e-3, "float16": 5e-2}})
-LATENCY_CFG = OmegaConf.create({"warmup": 1, "runs": 3})
+EXPORT_CFG = OmegaConf.create({"formats": list(FORMATS), "tolerance": {"float32": 1e-3, "float16": 5e-2}})
+LATENCY_CFG = OmegaConf.create({"format": "tflite_float32", "threads": 1, "keras_threads": None, "warmup": 1, "runs": 3})
 METADATA = {
     "backbone": {"name": "mobilenet_v2", "alpha": 0.35}, "input_size": SIZE, "mlflow_run_id": "0123abcd",
     "dataset": {"name": "synthetic", "root": "/x", "fingerprint": "f", "train_images": 1, "val_images": 1, "test_images": 1},
@@ -88,6 +87,9 @@ def test_every_format_is_written_measured_and_described(bundle: tuple[Path, list
     for report in reports:
         assert 0 < report.size_mb and 0 < report.latency_median_ms <= report.latency_p90_ms
         assert f"| {report.format} |" in card
+        if report.format.startswith("tflite_"):  # every TFLite file timed by LiteRT at latency.threads
+            assert (report.latency_method, report.threads) == (f"{report.format}, LiteRT XNNPACK", 1)
+    assert "TFLite files run by the LiteRT interpreter with XNNPACK" in card
     sizes = {r.format: r.size_mb for r in reports}
     assert sizes["tflite_int8"] < sizes["tflite_float16"] < sizes["tflite_float32"]  # quantization shrinks
 
