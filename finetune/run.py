@@ -33,7 +33,7 @@ from finetune.evaluate import evaluate, save_confusion_matrix, save_training_cur
 from finetune.model import build_classifier
 from finetune.sources import data_root
 from finetune.runfolder import STAGES, Manifest, stage_key, write_json
-from finetune.shipped import shipped_latency
+from finetune.shipped import model_latencies
 from finetune.trainer import PhaseResult, RunState, balanced_class_weight, train_two_phases
 from finetune.weights import resolve as resolve_weights
 
@@ -200,8 +200,7 @@ class _Stages:
 
     def time(self) -> None:
         cfg, model = self.cfg, self.model
-        shipped = shipped_latency(model, cfg.latency, lambda: calibration_images(cfg, self.data.splits))
-        keras_figure = cost.measure_keras_latency(model, cfg.latency.warmup, cfg.latency.runs, cfg.latency.keras_threads)
+        shipped, keras_figure = model_latencies(model, cfg, lambda: calibration_images(cfg, self.data.splits))
         self.results.update({
             "params": model.count_params(),
             "macs": cost.count_macs(model),

@@ -16,7 +16,7 @@ import keras
 import numpy as np
 
 from finetune.bundle import convert_tflite, write_saved_model
-from finetune.cost import Latency, measure_tflite_latency
+from finetune.cost import Latency, measure_keras_latency, measure_tflite_latency
 
 
 def shipped_latency(model: keras.Model, latency_cfg: Any, calibration: Callable[[], np.ndarray]) -> Latency:
@@ -31,3 +31,13 @@ def shipped_latency(model: keras.Model, latency_cfg: Any, calibration: Callable[
         representative = calibration() if fmt == "tflite_int8" else None
         tflite.write_bytes(convert_tflite(saved_model, fmt, representative))
         return measure_tflite_latency(tflite, fmt, latency_cfg.threads, latency_cfg.warmup, latency_cfg.runs)
+
+
+def model_latencies(model: keras.Model, cfg: Any, calibration: Callable[[], np.ndarray]) -> tuple[Latency, Latency]:
+    """(the shipped file's latency, the Keras model's), measured as every run and every tuner trial measures them.
+
+    calibration: gives the int8 calibration images (export.calibration_images); called only for tflite_int8.
+    """
+    latency = cfg.latency
+    shipped = shipped_latency(model, latency, calibration)
+    return shipped, measure_keras_latency(model, latency.warmup, latency.runs, latency.keras_threads)

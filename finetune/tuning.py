@@ -13,11 +13,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune import cost, interrupts, tracking
 from finetune.backbones import BACKBONES, imagenet_alphas
-from finetune.export import calibration_images
 from finetune.model import build_classifier
+from finetune.export import calibration_images
 from finetune.run import PreparedData, latency_metrics, latency_tags, prepare_data, run_job, seed_everything
 from finetune.runfolder import Manifest
-from finetune.shipped import shipped_latency
+from finetune.shipped import model_latencies
 from finetune.trainer import RunState, train_two_phases
 
 OBJECTIVE = kt.Objective("val_accuracy", direction="max")
@@ -82,9 +82,7 @@ class TwoPhaseTuner(kt.Tuner):
             mlflow.log_params({f"hp.{k}": v for k, v in hp.values.items()})
             mlflow.log_params({key: OmegaConf.select(trial_cfg, key) for key in TRIAL_PARAMS})
             phases = train_two_phases(model, trial_cfg, train_ds, val_ds, trial_dir, RunState(trial_dir / "state.json"))
-            latency = trial_cfg.latency
-            shipped = shipped_latency(model, latency, lambda: calibration_images(trial_cfg, self.data.splits))
-            keras_figure = cost.measure_keras_latency(model, latency.warmup, latency.runs, latency.keras_threads)
+            shipped, keras_figure = model_latencies(model, trial_cfg, lambda: calibration_images(trial_cfg, self.data.splits))
             budget = self.cfg.tuner.max_latency_ms
             metrics = {
                 "val_accuracy": max(result.best_val_accuracy for result in phases.values()),
