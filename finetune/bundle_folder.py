@@ -24,7 +24,8 @@ PARTIAL, OLD = ".partial", ".old"
 
 
 def sibling(bundle: Path, suffix: str) -> Path:
-    """The `.partial` or `.old` folder beside a bundle."""
+    """The `.partial` or `.old` folder beside a bundle (given as any path, `.` included)."""
+    bundle = bundle.absolute()
     return bundle.with_name(bundle.name + suffix)
 
 

@@ -126,8 +126,9 @@ def _hydra_app(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        validate(cfg)
-        runfolder.check(run_dir, cfg)  # a sweep's job folders are only known here
+        if hydra_cfg.mode == RunMode.MULTIRUN:  # a single run's config and folder were checked before Hydra started
+            validate(cfg)
+            runfolder.check(run_dir, cfg)
         quiet.import_tensorflow()
         tags = {"sweep_dir": hydra_cfg.sweep.dir} if hydra_cfg.mode == RunMode.MULTIRUN else {}
         if cfg.mode == "tune":  # TensorFlow loads only once the config is known to be good

@@ -8,6 +8,7 @@ import os
 import platform
 import sys
 from dataclasses import asdict
+from functools import partial
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,12 @@ def export_run(
     splits: dict[str, Split],
     dataset: dict[str, Any],
     bundle_dir: Path,
+    headline: dict[str, Any] | None = None,
 ) -> list[ArtifactReport]:
-    """Build the bundle for a trained model and record it in the active MLflow run."""
+    """Build the bundle for a trained model and record it in the active MLflow run.
+
+    headline: the run's own latency protocol and figures (metrics.json `latency_protocol`), for the model card.
+    """
     size = cfg.backbone.input_size
     test_images = load_images(splits["test"].paths, size)
     run = mlflow.active_run()
@@ -48,7 +53,7 @@ def export_run(
         "mlflow_run_id": run.info.run_id if run else None,
         "versions": {name: version(name) for name in ("tensorflow", "keras", "ai-edge-litert", "mlflow")},
         "machine": f"{platform.machine()}, {platform.processor() or 'unknown cpu'}, {os.cpu_count()} cores",
-        "latency": {"warmup": cfg.latency.warmup, "runs": cfg.latency.runs},
+        "latency": {**OmegaConf.to_container(cfg.latency, resolve=True), "headline": headline},
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     reports = export_bundle(
@@ -57,7 +62,7 @@ def export_run(
         class_names=class_names,
         test_images=test_images,
         test_labels=np.asarray(splits["test"].labels),
-        int8_data=int8_data(splits, size, cfg.seed),
+        int8_data=int8_data(cfg, splits),
         export_cfg=cfg.export,
         latency_cfg=cfg.latency,
         top_k=cfg.evaluate.top_k,
@@ -72,16 +77,19 @@ def export_run(
     return reports
 
 
-def int8_data(splits: dict[str, Split], size: int, seed: int) -> Int8Data:
-    """The validation split that chooses the int8 recipe, and training images (in a fixed random order) to calibrate."""
-    train_paths = splits["train"].paths
-    order = np.random.default_rng(seed).permutation(len(train_paths))
-
-    def training_images(count: int) -> np.ndarray:
-        return load_images([train_paths[i] for i in sorted(order[:count])], size)
-
+def int8_data(cfg: DictConfig, splits: dict[str, Split]) -> Int8Data:
+    """The validation split that chooses the int8 recipe, and the training images that calibrate it."""
     val = splits["val"]
-    return Int8Data(load_images(val.paths, size), np.asarray(val.labels), training_images, len(train_paths))
+    return Int8Data(load_images(val.paths, cfg.backbone.input_size), np.asarray(val.labels),
+                    partial(calibration_images, cfg, splits), len(splits["train"].paths))
+
+
+def calibration_images(cfg: DictConfig, splits: dict[str, Split], count: int | None = None) -> np.ndarray:
+    """The first `count` training images (default export.representative_images; all when fewer) in an order fixed by the seed."""
+    train_paths = splits["train"].paths
+    order = np.random.default_rng(cfg.seed).permutation(len(train_paths))
+    chosen = order[:cfg.export.representative_images if count is None else count]
+    return load_images([train_paths[i] for i in sorted(chosen)], cfg.backbone.input_size)
 
 
 def _log_bundle(bundle_dir: Path, reports: list[ArtifactReport]) -> None:
@@ -133,7 +141,8 @@ def export_saved_run(run_dir: Path, formats: list[str] | None) -> list[ArtifactR
     splits = read_splits(run_dir / "data_splits.csv", Path(dataset["root"]), metrics["classes"])
     model = keras.saving.load_model(run_dir / "model.keras", safe_mode=True)
     with tracking.tracked_run(cfg.mlflow, mlflow_run.get("run_id"), {}):
-        return export_run(cfg, model, metrics["classes"], splits, dataset, run_dir / BUNDLE_DIR)
+        return export_run(cfg, model, metrics["classes"], splits, dataset, run_dir / BUNDLE_DIR,
+                          metrics.get("latency_protocol"))
 
 
 def main(argv: list[str] | None = None) -> None:

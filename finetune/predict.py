@@ -67,7 +67,7 @@ def predict_files(bundle: Path, fmt: str, files: list[Path], top_k: int) -> list
             records.append({"path": str(path), "error": f"not a readable image ({decode_error_reason(error)})"})
             continue
         probabilities = predictor(image[None])[0]
-        best = probabilities.argsort()[::-1][: min(top_k, len(labels))]
+        best = (-probabilities).argsort(kind="stable")[: min(top_k, len(labels))]  # ties: lower index first, as argmax
         records.append({
             "path": str(path),
             "predictions": [{"label": labels[i], "probability": round(float(probabilities[i]), 4)} for i in best],

@@ -3,7 +3,9 @@
 Plain full-integer int8 of some backbones (MobileNetV3: hard-swish, squeeze-excite, per-tensor activation
 ranges) loses a few points in one run and almost none in the next. The export measures each candidate
 file on the validation split against the float (Keras) model and tries these recipes in order, keeping
-the first that loses at most `export.int8.max_drop` (the best one, and says so, when none does):
+the first that loses at most `export.int8.max_drop` and runs at most `export.int8.max_slowdown` times as
+long as the plain int8 file (LiteRT, `latency.threads`); when none does, the one that lost the fewest images
+among those fast enough (plain int8 always is), and the model card says so:
 
 1. `int8`: full-integer int8 calibrated on `export.representative_images` training images;
 2. `int8_more_calibration`: the same, calibrated on twice as many (at most every training image);
@@ -11,6 +13,10 @@ the first that loses at most `export.int8.max_drop` (the best one, and says so, 
    (noise-to-signal power of each op's output, the float op run on the same input) and the worst
    1, 2, 4, 8, 16 stay float;
 4. `int16x8`: 16-bit activations with 8-bit weights (an op without a 16x8 kernel stays float).
+
+The latency budget is there for 16x8: XNNPACK has no 16x8 kernels, so LiteRT runs it with its reference
+kernels (MobileNetV3Small here: ~51 ms against ~4 ms for int8 and ~1.7 ms for float32); an "int8" file
+slower than the float file it stands in for is no answer to a phone team.
 
 What a file "loses" is the share of validation images the float model classifies right and the file
 wrong. The net accuracy difference would credit the images it gets right by luck: on a 141-image split,
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import tempfile
 import time
 import warnings
@@ -40,6 +47,7 @@ import numpy as np
 import tensorflow as tf
 
 from finetune.artifacts import ExportError, TFLitePredictor
+from finetune.cost import measure_tflite_latency
 
 RAW_PIXELS = (1.0, 0)  # the int8 file's input scale and zero point: uint8 pixel values go in as they are
 FLOAT_OPS_KEPT = (1, 2, 4, 8, 16)  # at most 5 conversions of the third recipe (each one quantizes, nothing recalibrates)
@@ -84,7 +92,9 @@ class Int8Choice:
     val_accuracy: float
     val_drop: float  # float minus int8 validation accuracy
     val_lost: float  # share of validation images float gets right and the file wrong: what max_drop bounds
+    slowdown: float  # its LiteRT latency over plain int8's, timed as the export times: what max_slowdown bounds
     max_drop: float
+    max_slowdown: float | None  # None: no latency budget
     within_budget: bool
     integer_only_asked: bool
     tried: list[dict[str, Any]]  # every candidate measured, in order
@@ -102,43 +112,60 @@ class Int8Choice:
         }
 
 
-def choose_int8(model: keras.Model, saved_model: Path, data: Int8Data, export_cfg: Any) -> Int8Choice:
-    """Try the recipes in order on the validation split; keep the first within export.int8.max_drop (else the best)."""
+def choose_int8(model: keras.Model, saved_model: Path, data: Int8Data, export_cfg: Any, latency_cfg: Any) -> Int8Choice:
+    """Try the recipes in order on the validation split; keep the first within export.int8.max_drop and
+    export.int8.max_slowdown (else the one that lost least among those fast enough)."""
     float_predictions = np.asarray(model.predict(data.val_images.astype("float32"), verbose=0)).argmax(-1)
     recipes = candidates(saved_model, data, export_cfg.representative_images, export_cfg.int8.integer_only)
     predict = partial(tflite_predictions, images=data.val_images)
-    return choose(recipes, predict, Verdicts(float_predictions, data.val_labels, export_cfg.int8.max_drop),
+    max_slowdown = export_cfg.int8.max_slowdown
+    verdicts = Verdicts(float_predictions, data.val_labels, export_cfg.int8.max_drop,
+                        math.inf if max_slowdown is None else max_slowdown)
+    return choose(recipes, predict, partial(tflite_latency_ms, latency_cfg=latency_cfg), verdicts,
                   export_cfg.int8.integer_only)
 
 
 @dataclass
 class Verdicts:
-    """How a candidate's predictions on the validation split compare with the float model's."""
+    """How a candidate's predictions on the validation split and its latency compare with the budgets."""
 
     float_predictions: np.ndarray
     labels: np.ndarray
     max_drop: float
+    max_slowdown: float = math.inf
 
-    def measure(self, predictions: np.ndarray) -> dict[str, float]:
+    def measure(self, predictions: np.ndarray, latency_ms: float, reference_ms: float) -> dict[str, float]:
+        """reference_ms: the latency of the first recipe (plain int8), which the slowdown is relative to."""
         float_right, right = self.float_predictions == self.labels, predictions == self.labels
         return {"val_accuracy": float(np.mean(right)), "val_drop": float(np.mean(float_right) - np.mean(right)),
-                "val_lost": float(np.mean(float_right & ~right))}
+                "val_lost": float(np.mean(float_right & ~right)), "latency_ms": latency_ms,
+                "slowdown": latency_ms / reference_ms}
+
+    def fast_enough(self, measured: dict[str, float]) -> bool:
+        return measured["slowdown"] <= self.max_slowdown
 
     def within(self, measured: dict[str, float]) -> bool:
-        return measured["val_lost"] <= self.max_drop + 1e-9  # a loss of exactly max_drop, whatever the rounding
+        lost_within = measured["val_lost"] <= self.max_drop + 1e-9  # a loss of exactly max_drop, whatever the rounding
+        return lost_within and self.fast_enough(measured)
 
 
-def choose(candidates: Iterable[Candidate], predict: Callable[[bytes], np.ndarray], verdicts: Verdicts,
-           integer_only_asked: bool = False) -> Int8Choice:
-    """Measure candidates one by one (a later one is not even converted) until one is within max_drop of float."""
+def choose(candidates: Iterable[Candidate], predict: Callable[[bytes], np.ndarray], latency_ms: Callable[[bytes], float],
+           verdicts: Verdicts, integer_only_asked: bool = False) -> Int8Choice:
+    """Measure candidates one by one (a later one is not even converted) until one is within both budgets.
+
+    None within: the one that lost the fewest validation images among those within max_slowdown (plain int8 is).
+    """
     tried: list[tuple[Candidate, dict[str, float]]] = []
     for candidate in candidates:
         started = time.perf_counter()
-        tried.append((candidate, verdicts.measure(predict(candidate.model))))
+        latency = latency_ms(candidate.model)
+        reference = tried[0][1]["latency_ms"] if tried else latency
+        tried.append((candidate, verdicts.measure(predict(candidate.model), latency, reference)))
         candidate.seconds += time.perf_counter() - started
         if verdicts.within(tried[-1][1]):
             break
-    kept, measured = tried[-1] if verdicts.within(tried[-1][1]) else min(tried, key=lambda pair: pair[1]["val_lost"])
+    fast = [pair for pair in tried if verdicts.fast_enough(pair[1])]
+    kept, measured = tried[-1] if verdicts.within(tried[-1][1]) else min(fast, key=lambda pair: pair[1]["val_lost"])
     return Int8Choice(
         recipe=kept.recipe,
         calibration_images=kept.calibration_images,
@@ -146,8 +173,10 @@ def choose(candidates: Iterable[Candidate], predict: Callable[[bytes], np.ndarra
         integer_only=is_integer_only(kept.model),
         input=INPUTS[input_type(kept.model)],
         float_val_accuracy=float(np.mean(verdicts.float_predictions == verdicts.labels)),
-        **measured,
+        **{key: value for key, value in measured.items() if key not in ("latency_ms", "slowdown")},
+        slowdown=measured["slowdown"],
         max_drop=verdicts.max_drop,
+        max_slowdown=None if math.isinf(verdicts.max_slowdown) else verdicts.max_slowdown,
         within_budget=verdicts.within(measured),
         integer_only_asked=integer_only_asked,
         tried=[_attempt(candidate, measured) for candidate, measured in tried],
@@ -295,6 +324,14 @@ def check_raw_pixel_input(model: bytes) -> None:
         )
 
 
+def tflite_latency_ms(model: bytes, latency_cfg: Any) -> float:
+    """Median batch-1 latency of a TFLite model, timed as the bundle times its files (LiteRT, latency.threads)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "candidate.tflite"
+        path.write_bytes(model)
+        return measure_tflite_latency(path, "candidate", latency_cfg.threads, latency_cfg.warmup, latency_cfg.runs).median_ms
+
+
 def tflite_predictions(model: bytes, images: np.ndarray) -> np.ndarray:
     """Top-1 classes of a TFLite model run by LiteRT (a thread per core), fed as `finetune predict` feeds it."""
     with tempfile.TemporaryDirectory() as folder:
@@ -337,14 +374,22 @@ def summary(record: dict[str, Any]) -> str:
     return (f"int8 recipe {record['recipe']} ({len(record['float_ops'])} ops kept float, "
             f"{'integer-only' if record['integer_only'] else 'not integer-only'}): validation accuracy "
             f"{record['val_accuracy']:.4f} against float {record['float_val_accuracy']:.4f}, "
-            f"{record['val_lost']:.4f} of the images lost, {verdict} export.int8.max_drop={record['max_drop']}")
+            f"{record['val_lost']:.4f} of the images lost, {record['slowdown']:.2f}x plain int8's latency, {verdict} "
+            f"export.int8.max_drop={record['max_drop']}" + _latency_budget(record, " and max_slowdown={}"))
+
+
+def _latency_budget(record: dict[str, Any], text: str) -> str:
+    """`text` with export.int8.max_slowdown in it, or nothing when there is no latency budget."""
+    return "" if record["max_slowdown"] is None else text.format(f"{record['max_slowdown']:g}")
 
 
 def render(record: dict[str, Any]) -> str:
     """The model card's int8 section."""
-    verdict = (f"the first recipe that lost at most {record['max_drop']:.3f} of the validation images"
+    speed = _latency_budget(record, " and ran at most {}x as long as plain int8")
+    verdict = (f"the first recipe that lost at most {record['max_drop']:.3f} of the validation images{speed}"
                if record["within_budget"] else
-               f"no recipe lost at most {record['max_drop']:.3f} of the validation images: this one lost the fewest")
+               f"no recipe lost at most {record['max_drop']:.3f} of the validation images{speed}: of those "
+               f"{'fast enough' if speed else 'tried'}, this one lost the fewest")
     scope = "integer-only recipes only (`export.int8.integer_only=true`)" if record["integer_only_asked"] else "all recipes"
     ops = ", ".join(f"`{op}`" for op in record["float_ops"]) or "none"
     lines = [
@@ -354,6 +399,7 @@ def render(record: dict[str, Any]) -> str:
         f"- Ops kept in float ({len(record['float_ops'])}): {ops}.",
         f"- Integer-only: {'yes' if record['integer_only'] else 'no (NPUs and Edge TPUs need integer-only models)'}.",
         f"- Input and output: {record['input']}.",
+        f"- Latency {record['slowdown']:.2f}x that of plain int8 (recipe `int8`), as timed while choosing.",
         f"- Size {record['size_mb']:.2f} MB, latency median / p90 {record['latency_median_ms']:.2f} / "
         f"{record['latency_p90_ms']:.2f} ms.",
         "",
@@ -364,12 +410,13 @@ def render(record: dict[str, Any]) -> str:
         f"| accuracy loss | {record['val_drop']:+.4f} | {record['test_drop']:+.4f} |",
         f"| images lost (float right, int8 wrong) | {record['val_lost']:.4f} | |",
         "",
-        "| recipe tried | calibration images | ops kept float | validation accuracy | accuracy loss | images lost | seconds |",
-        "|---|---|---|---|---|---|---|",
+        "| recipe tried | calibration images | ops kept float | validation accuracy | accuracy loss | images lost "
+        "| latency (ms) | x plain int8 | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {t['recipe']} | {t['calibration_images']} | {len(t['float_ops_asked'])} | {t['val_accuracy']:.4f} "
-        f"| {t['val_drop']:+.4f} | {t['val_lost']:.4f} | {t['seconds']:.1f} |"
+        f"| {t['val_drop']:+.4f} | {t['val_lost']:.4f} | {t['latency_ms']:.2f} | {t['slowdown']:.2f} | {t['seconds']:.1f} |"
         for t in record["tried"]
     ]
     return "\n".join(lines) + "\n"

@@ -6,6 +6,7 @@ import argparse
 import csv
 import math
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -27,6 +28,9 @@ SKIPPED_KINDS = ("search", "report")  # parents and earlier reports carry no mod
 PAGE_SIZE = 1000  # runs per search request; every page is read
 FINGERPRINT_PARAM = "data.fingerprint"  # the split fingerprint a job logs with its data params
 UNKNOWN_DATA = "unknown data"
+TIMING_TAG = "latency.method"  # what latency_median_ms timed, set with it (finetune.run.latency_tags)
+LEGACY_TIMING = ("keras model, tf.function", "latency.measured_threads")  # before latency.format: method, threads tag
+UNKNOWN_TIMING = "not recorded"
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,7 @@ class Candidate:
     test_accuracy: float | None
     latency_ms: float
     params: float
+    timing: str  # what latency_ms timed: "tflite_float32, LiteRT XNNPACK, 1 thread"
     number: int = 0  # its number within its data split, by latency: the plot's label
     pareto: bool = False  # on the accuracy-vs-latency front of its data split
     pareto_with_size: bool = False  # on the accuracy-vs-latency-vs-params front of its data split
@@ -62,6 +67,11 @@ class SplitGroup:
     @property
     def title(self) -> str:
         return f"{self.data_names} (split {self.fingerprint})" if self.fingerprint else UNKNOWN_DATA
+
+    @property
+    def timings(self) -> list[tuple[str, int]]:
+        """How the latencies were measured, and how many runs each way (most first)."""
+        return Counter(c.timing for c in self.candidates).most_common()
 
 
 def pareto_front(points: Sequence[Sequence[float]], maximize: Sequence[bool]) -> list[bool]:
@@ -102,6 +112,15 @@ def data_params(run: Run, runs_by_id: dict[str, Run]) -> dict[str, str]:
     return {key.removeprefix("data."): value for key, value in run.data.params.items() if key.startswith("data.")}
 
 
+def timing_of(run: Run) -> str:
+    """What the run's latency_median_ms timed (its TIMING_TAG), or that it did not say."""
+    method = run.data.tags.get(TIMING_TAG, UNKNOWN_TIMING)
+    legacy_method, legacy_threads = LEGACY_TIMING
+    if method == legacy_method and legacy_threads in run.data.tags:
+        return f"{method}, {run.data.tags[legacy_threads]} threads"
+    return method
+
+
 def candidates_of(runs: list[Run]) -> list[Candidate]:
     """The finished runs that trained a model and have an accuracy and a latency."""
     runs_by_id = {run.info.run_id: run for run in runs}
@@ -123,6 +142,7 @@ def candidates_of(runs: list[Run]) -> list[Candidate]:
             test_accuracy=metrics.get("test_accuracy"),
             latency_ms=metrics["latency_median_ms"],
             params=metrics["params"],
+            timing=timing_of(run),
         ))
     return candidates
 
@@ -176,7 +196,8 @@ def write_report(groups: list[SplitGroup], out_dir: Path, title: str) -> list[Pa
         "",
         "Runs are grouped by the data split they were trained and validated on (its fingerprint): each split "
         "has its own Pareto front, and accuracies of different splits are not compared. Accuracy is validation "
-        "accuracy (the split every candidate was chosen on); latency is the batch-1 median of the Keras model. "
+        "accuracy (the split every candidate was chosen on); latency is the batch-1 median of each run's headline "
+        "artifact (`latency.format`), timed as its section says. "
         "`#`: the point's label on the plot; `front`: on the accuracy-vs-latency Pareto front of its split; "
         "`front+size`: also counting parameters.",
     ]
@@ -189,20 +210,20 @@ def write_report(groups: list[SplitGroup], out_dir: Path, title: str) -> list[Pa
     return [out_dir / name for name in ("runs.csv", "runs.md", "pareto.png")]
 
 
-def _count(candidates: list[Candidate]) -> str:
-    return f"{len(candidates)} run{'s' if len(candidates) != 1 else ''}"
+def _run_count(count: int) -> str:
+    return f"{count} run{'s' if count != 1 else ''}"
 
 
 def _section(group: SplitGroup) -> list[str]:
     """The Markdown section of one data split: what data it is, then its table."""
-    count = _count(group.candidates)
+    count = _run_count(len(group.candidates))
     if group.fingerprint:
         roots = ", ".join(sorted({f"`{c.data_root}`" for c in group.candidates}))
         about = f"Data `{group.data_names}` at {roots}, split fingerprint `{group.fingerprint}`: {count}."
     else:
         about = (f"{count} that recorded no data split (neither the run nor a parent run logged "
                  f"`{FINGERPRINT_PARAM}`): they may come from different data and are compared only with each other.")
-    lines = [f"## {group.title}", "", about, "",
+    lines = [f"## {group.title}", "", about, "", _timing_line(group), "",
              "| # | run | kind | val acc | test acc | latency (ms) | params (M) | front | front+size |",
              "|---|---|---|---|---|---|---|---|---|"]
     for c in group.candidates:
@@ -210,6 +231,23 @@ def _section(group: SplitGroup) -> list[str]:
         lines.append(f"| {c.number} | {c.name} | {c.kind} | {c.val_accuracy:.3f} | {test} | {c.latency_ms:.2f} | "
                      f"{c.params / 1e6:.2f} | {'yes' if c.pareto else ''} | {'yes' if c.pareto_with_size else ''} |")
     return lines
+
+
+def _timing_line(group: SplitGroup) -> str:
+    """How the group's latencies were measured; a warning when not all the same way."""
+    timings = group.timings
+    if len(timings) == 1:
+        return f"Latency: {timings[0][0]}."
+    ways = "; ".join(f"{_run_count(count)}: {timing}" for timing, count in timings)
+    return (f"**Latency was measured in {len(timings)} different ways here** ({ways}): latencies of different "
+            "ways do not compare, and the front mixes them.")
+
+
+def axis_label(group: SplitGroup) -> str:
+    """The plot's latency axis: what was timed, or that the runs were timed differently."""
+    timings = group.timings
+    what = timings[0][0] if len(timings) == 1 else "timed in different ways (runs.md)"
+    return f"latency, batch 1, median (ms): {what}"
 
 
 def draw(groups: list[SplitGroup], title: str) -> Figure:
@@ -242,9 +280,9 @@ def _draw_split(ax: Axes, group: SplitGroup) -> None:
         else:
             ax.annotate(str(c.number), (c.latency_ms, c.val_accuracy), textcoords="offset points",
                         xytext=(4, -10), fontsize=7, color="dimgray")
-    ax.set_xlabel("latency, batch 1, median (ms)")
+    ax.set_xlabel(axis_label(group))
     ax.set_ylabel("validation accuracy")
-    ax.set_title(f"{group.title}: {_count(candidates)}", fontsize=10)
+    ax.set_title(f"{group.title}: {_run_count(len(candidates))}", fontsize=10)
     ax.legend(loc="best", fontsize=8)
 
 

@@ -93,12 +93,29 @@ def stage_key(cfg: DictConfig, stage: str, manifest: Manifest) -> str:
     return _digest({"settings": settings, "uses": [stage_key(cfg, used, manifest) for used in uses]})
 
 
-class Manifest:
+class JsonRecord:
+    """A JSON file of the run folder, read once and written whole (write_json) on every change."""
+
+    def __init__(self, path: Path, empty: dict[str, Any]) -> None:
+        self.path = path
+        self.data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else empty
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.data.get(key, default)
+
+    def update(self, **values: Any) -> None:
+        self.data.update(values)
+        self.save()
+
+    def save(self) -> None:
+        write_json(self.path, self.data)
+
+
+class Manifest(JsonRecord):
     """manifest.json of a run folder."""
 
     def __init__(self, run_dir: Path) -> None:
-        self.path = run_dir / MANIFEST_FILE
-        self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
+        super().__init__(run_dir / MANIFEST_FILE, {})
 
     def start(self, kind: str, cfg: DictConfig) -> None:
         """Record a new run's identity (a resumed run keeps the one it has)."""
@@ -130,15 +147,6 @@ class Manifest:
         self.data.setdefault("stages", {})[name] = key
         self.save()
 
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.data.get(key, default)
-
-    def update(self, **values: Any) -> None:
-        self.data.update(values)
-        self.save()
-
-    def save(self) -> None:
-        write_json(self.path, self.data)
 
 
 def foreign_entries(run_dir: Path) -> list[str]:

@@ -19,7 +19,7 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from finetune.artifacts import FORMATS
+from finetune.artifacts import FORMATS, TFLITE_FORMATS
 from finetune.backbones import BACKBONES, MIN_INPUT_SIZE
 
 RULE = "rule"  # dataclass field metadata key of a leaf's Rule
@@ -226,6 +226,7 @@ class Tolerance:
 @dataclass
 class Int8:
     max_drop: float = leaf(Rule(low=0, high=1))
+    max_slowdown: Optional[float] = leaf(at_least(1))  # null: no latency budget
     integer_only: bool = leaf(FLAG)
 
 
@@ -235,7 +236,6 @@ class Export:
     representative_images: int = leaf(at_least(1))
     int8: Int8 = field(default_factory=Int8)
     tolerance: Tolerance = field(default_factory=Tolerance)
-    tflite_threads: Optional[int] = leaf(at_least(1))
     register_model: Optional[str] = leaf(NAME)
 
 
@@ -271,6 +271,9 @@ class Mlflow:
 
 @dataclass
 class Latency:
+    format: str = leaf(Rule(choices=TFLITE_FORMATS))  # the artifact whose latency is the run's headline
+    threads: int = leaf(at_least(1))  # LiteRT threads of every TFLite timing
+    keras_threads: Optional[int] = leaf(at_least(1))  # TensorFlow's threads for the Keras figure (null: its default)
     warmup: int = leaf(at_least(0))
     runs: int = leaf(at_least(1))
 

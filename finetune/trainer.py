@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 import warnings
@@ -18,9 +17,10 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from finetune import interrupts
 from finetune.backbones import BACKBONES
+from finetune.checkpoints import BestCheckpoint, repair_backup
 from finetune.evaluate import effective_top_k
 from finetune.model import freeze_backbone, model_backbone, unfreeze_top_blocks
-from finetune.runfolder import write_json
+from finetune.runfolder import JsonRecord
 
 OPTIMIZERS = {
     "adam": keras.optimizers.Adam,
@@ -30,19 +30,11 @@ OPTIMIZERS = {
 }
 
 
-class RunState:
-    """JSON file in the run directory that lets an interrupted run resume where it stopped."""
+class RunState(JsonRecord):
+    """state.json: every epoch's metrics and each finished phase, so an interrupted run resumes where it stopped."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self.data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"epochs": {}}
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.data.get(key, default)
-
-    def update(self, **values: Any) -> None:
-        self.data.update(values)
-        self.save()
+        super().__init__(path, {"epochs": {}})
 
     def record_epoch(self, epoch: int, phase: int, logs: dict[str, float]) -> None:
         self.data["epochs"][str(epoch)] = {"phase": phase, **logs}
@@ -57,9 +49,6 @@ class RunState:
         values = [rec["val_accuracy"] for rec in self.data["epochs"].values()
                   if "val_accuracy" in rec and phase in (None, rec["phase"])]
         return max(values) if values else None
-
-    def save(self) -> None:
-        write_json(self.path, self.data)
 
 
 class EpochRecorder(keras.callbacks.Callback):
@@ -198,17 +187,12 @@ def _run_phase(
     key = f"phase{phase}"
     if state.get(key):
         return PhaseResult(**state.get(key))
+    backup_dir = run_dir / "checkpoints" / f"backup_{key}"
+    repair_backup(backup_dir)
     callbacks = [  # the recorder runs before the backup, so a resumed run never misses a recorded epoch
+        BestCheckpoint(best_path, state.best_val_accuracy()),
         EpochRecorder(phase, state),
-        keras.callbacks.BackupAndRestore(str(run_dir / "checkpoints" / f"backup_{key}"), double_checkpoint=True),
-        keras.callbacks.ModelCheckpoint(
-            str(best_path),
-            monitor="val_accuracy",
-            mode="max",
-            save_best_only=True,
-            save_weights_only=True,
-            initial_value_threshold=state.best_val_accuracy(),
-        ),
+        keras.callbacks.BackupAndRestore(str(backup_dir), double_checkpoint=True),
         keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=patience),
         StopOnSignal(),  # last: an epoch's checkpoints are written before it stops
     ]

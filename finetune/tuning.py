@@ -14,11 +14,14 @@ from omegaconf import DictConfig, OmegaConf
 from finetune import cost, interrupts, tracking
 from finetune.backbones import BACKBONES, imagenet_alphas
 from finetune.model import build_classifier
-from finetune.run import PreparedData, prepare_data, run_job, seed_everything
+from finetune.export import calibration_images
+from finetune.run import PreparedData, latency_metrics, latency_tags, prepare_data, run_job, seed_everything
 from finetune.runfolder import Manifest
+from finetune.shipped import model_latencies
 from finetune.trainer import RunState, train_two_phases
 
 OBJECTIVE = kt.Objective("val_accuracy", direction="max")
+TRIAL_PARAMS = ("backbone.name", "backbone.input_size", "latency.format", "latency.threads", "latency.keras_threads")
 
 
 class FinetuneHyperModel(kt.HyperModel):
@@ -77,22 +80,22 @@ class TwoPhaseTuner(kt.Tuner):
         with tracking.tracked_run(self.cfg.mlflow, None, {"trial_id": trial.trial_id, "kind": "trial"},
                                   nested=True, run_name=f"{tracking.run_label(trial_cfg)} trial {trial.trial_id}"):
             mlflow.log_params({f"hp.{k}": v for k, v in hp.values.items()})
-            mlflow.log_params({"backbone.name": trial_cfg.backbone.name, "backbone.input_size": trial_cfg.backbone.input_size})
+            mlflow.log_params({key: OmegaConf.select(trial_cfg, key) for key in TRIAL_PARAMS})
             phases = train_two_phases(model, trial_cfg, train_ds, val_ds, trial_dir, RunState(trial_dir / "state.json"))
-            latency = cost.measure_latency(model, self.cfg.latency.warmup, self.cfg.latency.runs)
+            shipped, keras_figure = model_latencies(model, trial_cfg, lambda: calibration_images(trial_cfg, self.data.splits))
             budget = self.cfg.tuner.max_latency_ms
             metrics = {
                 "val_accuracy": max(result.best_val_accuracy for result in phases.values()),
-                "latency_median_ms": latency.median_ms,
-                "latency_p90_ms": latency.p90_ms,
+                **latency_metrics(shipped, keras_figure),
                 "params": float(model.count_params()),
                 "macs": float(cost.count_macs(model)),
-                "within_latency_budget": float(budget is None or latency.median_ms <= budget),
+                "within_latency_budget": float(budget is None or shipped.median_ms <= budget),
             }
             # per-epoch val_accuracy is already logged by step; the kept (best) value goes under its own name
             mlflow.log_metrics({("final_val_accuracy" if k == "val_accuracy" else k): v for k, v in metrics.items()})
+            mlflow.set_tags(latency_tags(shipped, keras_figure))
         print(f"Trial {trial.trial_id}: val_accuracy {metrics['val_accuracy']:.3f}, "
-              f"latency {latency.median_ms:.1f} ms, {hp.values}", flush=True)
+              f"latency {shipped.median_ms:.2f} ms ({shipped.describe()}), {hp.values}", flush=True)
         return metrics
 
 

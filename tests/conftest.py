@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -124,3 +126,19 @@ def quick_overrides(data: Path, run_dir: Path, *extra: str) -> list[str]:
         f"hydra.run.dir={run_dir}",
         *extra,
     ]
+
+
+def litert_median_ms(model_file: Path, threads: int, runs: int = 200) -> float:
+    """Median time of LiteRT invocations of a TFLite file at `threads` threads, timed here without finetune.cost."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(model_file), num_threads=threads)
+    interpreter.allocate_tensors()
+    given = interpreter.get_input_details()[0]
+    interpreter.set_tensor(given["index"], np.full(given["shape"], 128, given["dtype"]))
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        interpreter.invoke()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times[runs // 10:])  # the first tenth warms up

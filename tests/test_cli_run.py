@@ -14,7 +14,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import cli, quick_overrides
+from conftest import cli, litert_median_ms, quick_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -50,6 +50,11 @@ def test_full_run_leaves_outputs_and_one_mlflow_run(tmp_path: Path, tiny_images:
     assert metrics["final_val_accuracy"] == pytest.approx(best)  # the best weights of both phases are kept
     assert metrics["kept_weights_phase"] == (2 if metrics["phase2_best_val_accuracy"] > metrics["phase1_best_val_accuracy"] else 1)
     assert metrics["params"] > 0 and metrics["macs"] > 0 and metrics["latency_median_ms"] > 0
+    # the headline is the default latency.format (not in this bundle) run by LiteRT at 1 thread, not the Keras model
+    protocol = metrics["latency_protocol"]
+    assert (protocol["method"], protocol["threads"]) == ("tflite_float32, LiteRT XNNPACK", 1)
+    assert metrics["latency_median_ms"] * 3 < metrics["keras_latency_median_ms"]
+    assert "ms p90 (tflite_float32, LiteRT XNNPACK, 1 thread; batch 1, 5 runs after 2 warm-up" in result.stdout
     assert str(run_dir) in result.stdout
     for noise in ("oneDNN", "absl::InitializeLog", "cuda", "Creating initial MLflow database tables", "\x1b["):
         assert noise not in result.stdout + result.stderr, noise  # the product's own lines only
@@ -65,9 +70,14 @@ def test_full_run_leaves_outputs_and_one_mlflow_run(tmp_path: Path, tiny_images:
     test_images = sum(row.startswith("test,") for row in split_rows)
     correct = round(metrics["test_accuracy"] * test_images)
     assert f"Test accuracy {metrics['test_accuracy']:.4f} ({correct} of {test_images} images;" in result.stdout
-    for key in ("test_accuracy", "test_top2_accuracy", "params", "macs", "latency_median_ms", "latency_p90_ms"):
+    for key in ("test_accuracy", "test_top2_accuracy", "params", "macs", "latency_median_ms", "latency_p90_ms",
+                "latency_exclusive", "keras_latency_median_ms", "keras_latency_p90_ms"):
         assert key in run.data.metrics, key
-    assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
+    for key in ("test_accuracy", "latency_median_ms", "keras_latency_median_ms"):
+        assert run.data.metrics[key] == pytest.approx(metrics[key])
+    latency_params = {key: run.data.params[key] for key in ("latency.format", "latency.threads", "latency.keras_threads")}
+    assert latency_params == {"latency.format": "tflite_float32", "latency.threads": "1", "latency.keras_threads": "None"}
+    assert run.data.tags["latency.method"] == "tflite_float32, LiteRT XNNPACK, 1 thread"
     history = client.get_metric_history(run.info.run_id, "val_accuracy")
     assert sorted(m.step for m in history) == [1, 2, 3, 4]  # both phases on one axis
     phases = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "phase")}
@@ -101,6 +111,10 @@ def test_full_run_leaves_outputs_and_one_mlflow_run(tmp_path: Path, tiny_images:
     reexported = cli("export", str(run_dir), "--formats", "tflite_float32", cwd=tmp_path)
     assert reexported.returncode == 0, reexported.stderr[-2000:]
     assert sorted(p.name for p in bundle.iterdir()) == ["labels.txt", "metadata.json", "model_card.md", "model_float32.tflite"]
+    direct = litert_median_ms(bundle / "model_float32.tflite", threads=1)  # the file itself, timed without finetune
+    assert direct / 3 < metrics["latency_median_ms"] < direct * 3, (metrics["latency_median_ms"], direct)
+    assert f"headline latency (`latency_median_ms` in MLflow and metrics.json), timed before the export: " \
+           f"{metrics['latency_median_ms']:.2f} ms median" in (bundle / "model_card.md").read_text()
     by_id = cli("export", run.info.run_id, "--formats", "keras", cwd=tmp_path)
     assert by_id.returncode == 0, by_id.stderr[-2000:]
     assert (bundle / "model.keras").is_file()

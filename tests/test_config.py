@@ -66,8 +66,16 @@ GROUP_OPTIONS = [f"{group}={path.stem}" for group in ("backbone", "data", "tuner
         ("export.tolerance.float16=loose", "export.tolerance.float16=loose must be a number > 0"),
         ("export.int8.max_drop=-0.01", "export.int8.max_drop=-0.01 must be a number in [0, 1]"),
         ("export.int8.max_drop=1.5", "export.int8.max_drop=1.5 must be a number in [0, 1]"),
+        ("export.int8.max_slowdown=0.5", "export.int8.max_slowdown=0.5 must be null or a number >= 1"),
         ("export.int8.integer_only=maybe", "export.int8.integer_only=maybe must be true or false"),
-        ("export.tflite_threads=0", "export.tflite_threads=0 must be null or a whole number >= 1"),
+        ("latency.format=keras",
+         "latency.format=keras must be tflite_float32, tflite_float16, tflite_dynamic or tflite_int8"),
+        ("latency.format=[tflite_int8]", "latency.format=[tflite_int8] must be tflite_float32, tflite_float16,"),
+        ("latency.threads=0", "latency.threads=0 must be a whole number >= 1"),
+        ("latency.threads=null", "latency.threads=null must be a whole number >= 1"),
+        ("latency.keras_threads=0", "latency.keras_threads=0 must be null or a whole number >= 1"),
+        ("latency.keras_threads=all", "latency.keras_threads=all must be null or a whole number >= 1"),
+        ("export.tflite_threads=1", "export.tflite_threads is not a known key; export has: formats,"),
         ("export.register_model=''", "export.register_model='' must be null or a non-empty name"),
         ("export.formats=[keras,onnx]", "export.formats[1]=onnx must be keras, saved_model, tflite_float32,"),
         ("mlflow.experiment=''", "mlflow.experiment='' must be a non-empty name"),
@@ -105,8 +113,8 @@ def test_saved_run_export_config_is_checked_like_a_composed_one() -> None:
     """`finetune export` checks the plain config.yaml of a finished run against the same schema."""
     saved = OmegaConf.create(OmegaConf.to_container(compose([FLOWERS]).export))
     validate_export(saved)
-    saved.tflite_threads = "many"
-    with pytest.raises(UsageError, match=re.escape("export.tflite_threads=many must be null or a whole number >= 1")):
+    saved.representative_images = "many"
+    with pytest.raises(UsageError, match=re.escape("export.representative_images=many must be a whole number >= 1")):
         validate_export(saved)
 
 

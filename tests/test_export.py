@@ -1,5 +1,5 @@
 """Export bundle: every format written, loads and predicts; float parity; int8 is integer-only and takes raw pixels;
-atomicity; the bundle in MLflow."""
+atomicity; the bundle in MLflow; TFLite metadata, and every TFLite file in MediaPipe Tasks' ImageClassifier."""
 
 from __future__ import annotations
 
@@ -8,18 +8,23 @@ import shutil
 from pathlib import Path
 
 import keras
+import mediapipe as mp
 import numpy as np
 import pytest
 import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter
+from mediapipe.tasks.python import vision
+from mediapipe.tasks.python.core.base_options import BaseOptions
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import SHARED_WEIGHTS
 from finetune import export as export_module
-from finetune import predict, quantization
-from finetune.artifacts import FLOAT_FORMATS, FORMATS, ExportError, TFLitePredictor, artifact_path, load_predictor
+from finetune import artifacts, predict, quantization, tflite_metadata
+from finetune.artifacts import (
+    FLOAT_FORMATS, FORMATS, TFLITE_FORMATS, ExportError, TFLitePredictor, artifact_path, load_predictor,
+)
 from finetune.bundle import convert_tflite, export_bundle
 from finetune.config import UsageError, compose, validate_export
 from finetune.quantization import Int8Data
@@ -28,12 +33,12 @@ from finetune.tracking import tracked_run
 
 SIZE = 64
 CLASSES = ["a", "b", "c"]
-EXPORT_CFG = OmegaConf.create({"formats": list(FORMATS), "tflite_threads": 1, "representative_images": 20,
-                               "int8": {"max_drop": 0.01, "integer_only": False},
+EXPORT_CFG = OmegaConf.create({"formats": list(FORMATS), "representative_images": 20,
+                               "int8": {"max_drop": 0.01, "integer_only": False, "max_slowdown": 2.0},
                                "tolerance": {"float32": 1e-3, "float16": 5e-2}})
-LATENCY_CFG = OmegaConf.create({"warmup": 1, "runs": 3})
+LATENCY_CFG = OmegaConf.create({"format": "tflite_float32", "threads": 1, "keras_threads": None, "warmup": 1, "runs": 3})
 METADATA = {
-    "backbone": {"name": "mobilenet_v2", "alpha": 0.35}, "input_size": SIZE, "mlflow_run_id": None,
+    "backbone": {"name": "mobilenet_v2", "alpha": 0.35}, "input_size": SIZE, "mlflow_run_id": "0123abcd",
     "dataset": {"name": "synthetic", "root": "/x", "fingerprint": "f", "train_images": 1, "val_images": 1, "test_images": 1},
     "versions": {"keras": keras.__version__}, "machine": "test", "latency": {"warmup": 1, "runs": 3}, "config": {},
 }
@@ -89,6 +94,9 @@ def test_every_format_is_written_measured_and_described(bundle: tuple[Path, list
     for report in reports:
         assert 0 < report.size_mb and 0 < report.latency_median_ms <= report.latency_p90_ms
         assert f"| {report.format} |" in card
+        if report.format.startswith("tflite_"):  # every TFLite file timed by LiteRT at latency.threads
+            assert (report.latency_method, report.threads) == (f"{report.format}, LiteRT XNNPACK", 1)
+    assert "TFLite files run by the LiteRT interpreter with XNNPACK" in card
     sizes = {r.format: r.size_mb for r in reports}
     assert sizes["tflite_int8"] < sizes["tflite_float16"] < sizes["tflite_float32"]  # quantization shrinks
 
@@ -255,6 +263,15 @@ def test_predict_finds_the_bundle_a_crash_left_as_old(tmp_path: Path, bundle: tu
     assert result["results"][0]["predictions"][0]["label"] in CLASSES
 
 
+def test_predict_breaks_ties_like_the_bundle_measure(bundle: tuple[Path, list], tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    tied = np.array([[0.2, 0.4, 0.4]])  # uint8 outputs tie often; the accuracy in the model card takes argmax
+    monkeypatch.setattr(artifacts, "load_predictor", lambda bundle, fmt: lambda images: tied)
+    Image.fromarray(images_and_labels(1, seed=7)[0][0]).save(tmp_path / "photo.png")
+    (record,) = predict.predict_files(bundle[0], "tflite_int8", [tmp_path / "photo.png"], top_k=3)
+    assert [p["label"] for p in record["predictions"]] == ["b", "c", "a"]
+
+
 def test_the_bundle_is_logged_to_mlflow_with_its_saved_model(tmp_path: Path, bundle: tuple[Path, list]) -> None:
     mlflow_cfg = OmegaConf.create({"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "export",
                                    "artifact_location": str(tmp_path / "artifacts"), "run_name": None})
@@ -265,3 +282,59 @@ def test_the_bundle_is_logged_to_mlflow_with_its_saved_model(tmp_path: Path, bun
     assert {f"export/{path.name}" for path in bundle[0].iterdir()} == logged
     saved_model = {artifact.path for artifact in client.list_artifacts(run.info.run_id, "export/saved_model")}
     assert {"export/saved_model/saved_model.pb", "export/saved_model/variables"} <= saved_model
+
+
+def test_every_tflite_file_carries_its_metadata(bundle: tuple[Path, list]) -> None:
+    out = bundle[0]
+    for fmt in TFLITE_FORMATS:
+        shown = tflite_metadata.displayer(artifact_path(out, fmt))
+        metadata = json.loads(shown.get_metadata_json())
+        assert (metadata["name"], metadata["version"]) == ("mobilenet_v2 fine-tuned on synthetic", "0123abcd"), fmt
+        assert all(part in metadata["description"] for part in ("mobilenet_v2 (alpha 0.35)", "synthetic", "0123abcd", "64x64"))
+        assert metadata["min_parser_version"] == "1.0.0"
+        (image,), (probabilities,) = (metadata["subgraph_metadata"][0][f"{end}_tensor_metadata"] for end in ("input", "output"))
+        assert image["content"]["content_properties"] == {"color_space": "RGB"}
+        assert image["process_units"] == [{"options_type": "NormalizationOptions", "options": {"mean": [0.0], "std": [1.0]}}]
+        assert [(f["name"], f["type"]) for f in probabilities["associated_files"]] == [("labels.txt", "TENSOR_AXIS_LABELS")]
+        assert shown.get_packed_associated_file_list() == ["labels.txt"]
+        assert shown.get_associated_file_buffer("labels.txt") == (out / "labels.txt").read_bytes(), fmt
+
+
+def mediapipe_categories(model: Path, files: list[Path]) -> list[list]:
+    """MediaPipe Tasks' ImageClassifier (CPU delegate) on each image file: every category, best first."""
+    base = BaseOptions(model_asset_path=str(model), delegate=BaseOptions.Delegate.CPU)
+    with vision.ImageClassifier.create_from_options(vision.ImageClassifierOptions(base_options=base)) as classifier:
+        return [classifier.classify(mp.Image.create_from_file(str(path))).classifications[0].categories for path in files]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """12 PNG photos at the model's input size, so that neither MediaPipe nor `finetune predict` resizes them."""
+    folder = tmp_path_factory.mktemp("photos")
+    paths = [folder / f"photo_{index:02d}.png" for index in range(12)]
+    for path, image in zip(paths, images_and_labels(len(paths), seed=8)[0]):
+        Image.fromarray(image).save(path)
+    return paths
+
+
+@pytest.mark.parametrize("fmt", TFLITE_FORMATS)
+def test_mediapipe_image_classifier_names_the_labels_and_agrees_with_predict(bundle: tuple[Path, list],
+                                                                            photos: list[Path], fmt: str) -> None:
+    out = bundle[0]
+    results = mediapipe_categories(artifact_path(out, fmt), photos)
+    for categories in results:  # every class, named after labels.txt
+        assert [c.category_name for c in sorted(categories, key=lambda c: c.index)] == CLASSES
+    ours = [record["predictions"] for record in predict.predict_files(out, fmt, photos, top_k=len(CLASSES))]
+    our_top1 = [predictions[0]["label"] for predictions in ours]
+    assert len(set(our_top1)) > 1  # the photos do not all get one class: agreement is not trivial
+    disagreements = [(categories, label) for categories, label in zip(results, our_top1) if categories[0].category_name != label]
+    if fmt == "tflite_int8":  # uint8 probabilities can tie, and MediaPipe's sort leaves the order of ties open
+        assert all(scores_by_name(categories)[label] == categories[0].score for categories, label in disagreements)
+    else:
+        assert disagreements == []
+    for categories, predictions in zip(results, ours):  # the same scores, to predict's rounding (4 decimals)
+        assert all(abs(scores_by_name(categories)[p["label"]] - p["probability"]) <= 1e-4 for p in predictions), fmt
+
+
+def scores_by_name(categories: list) -> dict[str, float]:
+    return {category.category_name: category.score for category in categories}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import keras
@@ -72,9 +72,14 @@ def solid(grey: np.ndarray, red: np.ndarray | None = None) -> np.ndarray:
     return np.broadcast_to(np.clip(pixels, 0, 255)[:, None, None, :], (len(grey), SIZE, SIZE, 3)).astype("uint8")
 
 
-def export_cfg(max_drop: float = 0.01, integer_only: bool = False, representative_images: int = 20) -> object:
+def export_cfg(max_drop: float = 0.01, integer_only: bool = False, representative_images: int = 20,
+               max_slowdown: float | None = None) -> object:
+    """The export keys the chooser reads; no latency budget (the default) unless a test sets one."""
     return OmegaConf.create({"representative_images": representative_images,
-                             "int8": {"max_drop": max_drop, "integer_only": integer_only}})
+                             "int8": {"max_drop": max_drop, "integer_only": integer_only, "max_slowdown": max_slowdown}})
+
+
+LATENCY_CFG = OmegaConf.create({"threads": 1, "warmup": 1, "runs": 3})
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +114,17 @@ def injected(recipes: list[tuple[str, np.ndarray]], converted: list[str]) -> tup
     return generate(), {f"{place} {recipe}".encode(): predicted for place, (recipe, predicted) in enumerate(recipes)}
 
 
-def budget(max_drop: float = 0.01) -> Verdicts:
-    return Verdicts(FLOAT_PREDICTIONS, LABELS, max_drop)
+def budget(max_drop: float = 0.01, max_slowdown: float = 2.0) -> Verdicts:
+    return Verdicts(FLOAT_PREDICTIONS, LABELS, max_drop, max_slowdown)
+
+
+def same_speed(model: bytes) -> float:
+    return 1.0
+
+
+def latencies(by_recipe: dict[str, float]) -> Callable[[bytes], float]:
+    """Latency (ms) of an injected candidate by its recipe name; 1 ms when not named."""
+    return lambda model: by_recipe.get(model.decode().split(" ", 1)[1], 1.0)
 
 
 @pytest.fixture()
@@ -127,7 +141,7 @@ def test_recipes_are_tried_in_order_and_the_first_within_budget_is_kept() -> Non
     recipes, predicted = injected([("int8", predictions(5)), ("int8_more_calibration", predictions(2)),
                                    ("int8_float_ops", predictions(1)), ("int8_float_ops", predictions(0)),
                                    ("int16x8", predictions(0))], converted)
-    choice = choose(recipes, predicted.__getitem__, budget())
+    choice = choose(recipes, predicted.__getitem__, same_speed, budget())
     assert (choice.recipe, choice.val_lost, choice.within_budget) == ("int8_float_ops", 0.01, True)
     assert [t["recipe"] for t in choice.tried] == ["int8", "int8_more_calibration", "int8_float_ops"]
     assert converted == ["int8", "int8_more_calibration", "int8_float_ops"]  # nothing after the first within budget
@@ -139,7 +153,7 @@ def test_recipes_are_tried_in_order_and_the_first_within_budget_is_kept() -> Non
 def test_images_gained_by_luck_do_not_pay_for_images_lost() -> None:
     """Losing 3 images and gaining 3 is no loss of accuracy, but 3 images lost: over a budget of 1."""
     recipes, predicted = injected([("int8", predictions(3, gained=3)), ("int8_more_calibration", predictions(1))], [])
-    choice = choose(recipes, predicted.__getitem__, budget())
+    choice = choose(recipes, predicted.__getitem__, same_speed, budget())
     assert choice.tried[0]["val_drop"] == 0 and choice.tried[0]["val_lost"] == 0.03
     assert choice.recipe == "int8_more_calibration"
 
@@ -147,24 +161,61 @@ def test_images_gained_by_luck_do_not_pay_for_images_lost() -> None:
 @pytest.mark.usefixtures("any_file_is_integer_plain_int8")
 def test_a_loss_of_exactly_the_budget_is_within_it() -> None:
     recipes, predicted = injected([("int8", predictions(1)), ("int8_more_calibration", predictions(0))], [])
-    assert choose(recipes, predicted.__getitem__, budget()).recipe == "int8"
+    assert choose(recipes, predicted.__getitem__, same_speed, budget()).recipe == "int8"
 
 
 @pytest.mark.usefixtures("any_file_is_integer_plain_int8")
 def test_when_no_recipe_is_within_budget_the_one_that_lost_least_is_kept_and_said() -> None:
     recipes, predicted = injected([("int8", predictions(8)), ("int8_more_calibration", predictions(4)),
                                    ("int8_float_ops", predictions(4, gained=2)), ("int16x8", predictions(6))], [])
-    choice = choose(recipes, predicted.__getitem__, budget())
+    choice = choose(recipes, predicted.__getitem__, same_speed, budget())
     assert (choice.recipe, choice.within_budget) == ("int8_more_calibration", False)  # the earliest of the best
     assert len(choice.tried) == 4
     assert choice.model == b"1 int8_more_calibration"
+
+
+@pytest.mark.usefixtures("any_file_is_integer_plain_int8")
+def test_a_recipe_slower_than_max_slowdown_is_not_kept_however_accurate() -> None:
+    """16x8 loses nothing but runs 12x as long as plain int8 (no XNNPACK kernels): over a budget of 2x."""
+    recipes, predicted = injected([("int8", predictions(4)), ("int8_float_ops", predictions(3)),
+                                   ("int16x8", predictions(0))], [])
+    choice = choose(recipes, predicted.__getitem__, latencies({"int8": 4.0, "int8_float_ops": 6.0, "int16x8": 50.0}),
+                    budget())
+    assert (choice.recipe, choice.within_budget) == ("int8_float_ops", False)  # the fewest lost of the fast enough
+    assert [round(t["slowdown"], 2) for t in choice.tried] == [1.0, 1.5, 12.5]
+    assert choice.slowdown == 1.5 and choice.max_slowdown == 2.0
+
+
+@pytest.mark.usefixtures("any_file_is_integer_plain_int8")
+def test_a_recipe_within_both_budgets_ends_the_search() -> None:
+    converted: list[str] = []
+    recipes, predicted = injected([("int8", predictions(4)), ("int8_float_ops", predictions(1)),
+                                   ("int16x8", predictions(0))], converted)
+    choice = choose(recipes, predicted.__getitem__, latencies({"int8": 4.0, "int8_float_ops": 7.9}), budget())
+    assert (choice.recipe, choice.within_budget) == ("int8_float_ops", True)
+    assert converted == ["int8", "int8_float_ops"]
+
+
+def test_latency_is_timed_as_the_bundle_times_files(outlier: tuple[Path, Int8Data], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each candidate is timed by LiteRT with latency.threads (the bundle's protocol), and the card shows it."""
+    seen = []
+    real = quantization.measure_tflite_latency
+    monkeypatch.setattr(quantization, "measure_tflite_latency",
+                        lambda path, fmt, threads, warmup, runs: seen.append((threads, warmup, runs)) or real(path, fmt, threads, warmup, runs))
+    saved_model, data = outlier
+    choice = choose_int8(KerasLike(OutlierBrightness()), saved_model, data, export_cfg(integer_only=True), LATENCY_CFG)
+    assert seen == [(1, 1, 3)] * len(choice.tried)
+    assert all(t["latency_ms"] > 0 for t in choice.tried) and choice.tried[0]["slowdown"] == 1.0
+    record = choice.record({"accuracy": 0.5, "size_mb": 0.01, "latency_median_ms": 0.1, "latency_p90_ms": 0.2}, 1.0)
+    assert choice.max_slowdown is None and "max_slowdown" not in quantization.summary(record)
+    assert "ran at most" not in quantization.render(record) and "| latency (ms) | x plain int8 |" in quantization.render(record)
 
 
 def test_plain_int8_within_budget_is_kept_after_one_conversion(tmp_path: Path) -> None:
     grey = np.linspace(60, 200, 30)
     images = solid(grey)
     data = Int8Data(images, (grey > 127.5).astype(int), lambda count: images[:count], len(images))
-    choice = choose_int8(KerasLike(Brightness()), saved(Brightness(), tmp_path / "sm"), data, export_cfg())
+    choice = choose_int8(KerasLike(Brightness()), saved(Brightness(), tmp_path / "sm"), data, export_cfg(), LATENCY_CFG)
     assert (choice.recipe, choice.within_budget, choice.integer_only, choice.float_ops) == ("int8", True, True, [])
     assert [t["recipe"] for t in choice.tried] == ["int8"]
 
@@ -174,7 +225,7 @@ def test_more_calibration_images_are_the_second_recipe(tmp_path: Path) -> None:
     grey = np.linspace(60, 200, 30)
     training = solid(np.concatenate([np.linspace(0, 100, 20), np.linspace(100, 255, 20)]))  # the first 20 are dark
     data = Int8Data(solid(grey), (grey > 127.5).astype(int), lambda count: training[:count], len(training))
-    choice = choose_int8(KerasLike(Brightness()), saved(Brightness(), tmp_path / "sm"), data, export_cfg())
+    choice = choose_int8(KerasLike(Brightness()), saved(Brightness(), tmp_path / "sm"), data, export_cfg(), LATENCY_CFG)
     assert [(t["recipe"], t["calibration_images"]) for t in choice.tried] == [("int8", 20), ("int8_more_calibration", 40)]
     assert choice.tried[0]["val_drop"] > 0.3
     assert (choice.recipe, choice.within_budget, choice.integer_only) == ("int8_more_calibration", True, True)
@@ -182,7 +233,7 @@ def test_more_calibration_images_are_the_second_recipe(tmp_path: Path) -> None:
 
 def test_ops_kept_float_rescue_what_calibration_cannot(outlier: tuple[Path, Int8Data]) -> None:
     saved_model, data = outlier
-    choice = choose_int8(KerasLike(OutlierBrightness()), saved_model, data, export_cfg())
+    choice = choose_int8(KerasLike(OutlierBrightness()), saved_model, data, export_cfg(), LATENCY_CFG)
     assert choice.float_val_accuracy == 1.0
     recipes = [t["recipe"] for t in choice.tried]
     assert recipes[:2] == ["int8", "int8_more_calibration"] and choice.tried[1]["val_drop"] > 0.3
@@ -202,7 +253,7 @@ def test_ops_kept_float_rescue_what_calibration_cannot(outlier: tuple[Path, Int8
 
 def test_integer_only_keeps_integer_recipes_and_reports_the_drop(outlier: tuple[Path, Int8Data]) -> None:
     saved_model, data = outlier
-    choice = choose_int8(KerasLike(OutlierBrightness()), saved_model, data, export_cfg(integer_only=True))
+    choice = choose_int8(KerasLike(OutlierBrightness()), saved_model, data, export_cfg(integer_only=True), LATENCY_CFG)
     assert [t["recipe"] for t in choice.tried] == ["int8", "int8_more_calibration"]
     assert (choice.integer_only_asked, choice.integer_only, choice.within_budget) == (True, True, False)
     assert choice.val_drop > 0.3 and choice.float_ops == []
@@ -212,7 +263,7 @@ def test_16x8_is_the_fourth_recipe_and_takes_float_pixels(outlier: tuple[Path, I
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(quantization, "FLOAT_OPS_KEPT", ())  # skip the third recipe
     saved_model, data = outlier
-    choice = choose_int8(KerasLike(OutlierBrightness()), saved_model, data, export_cfg())
+    choice = choose_int8(KerasLike(OutlierBrightness()), saved_model, data, export_cfg(), LATENCY_CFG)
     assert [t["recipe"] for t in choice.tried] == ["int8", "int8_more_calibration", "int16x8"]
     assert (choice.recipe, choice.within_budget, choice.integer_only) == ("int16x8", True, False)
     assert choice.input == quantization.INPUTS["float32"]
@@ -280,10 +331,11 @@ def test_the_recipe_is_chosen_on_validation_images_only(tmp_path: Path, monkeypa
             Image.fromarray(np.full((8, 8, 3), grey, np.uint8)).save(path)
             paths.append(str(path))
         splits[split] = Split(paths, [0, 1, 0, 1])
-    data = int8_data(splits, SIZE, seed=0)
+    data = int8_data(OmegaConf.create({"seed": 0, "backbone": {"input_size": SIZE},
+                                      "export": {"representative_images": 2}}), splits)
     assert (data.val_images == 150).all() and list(data.val_labels) == [0, 1, 0, 1]
     assert (data.training_images(3) == 50).all() and data.training_count == 4
     seen = []
     monkeypatch.setattr(quantization, "tflite_predictions", lambda model, images: seen.append(images) or 1 - data.val_labels)
-    choose_int8(KerasLike(Brightness()), saved(Brightness(), tmp_path / "sm"), data, export_cfg(representative_images=2))
+    choose_int8(KerasLike(Brightness()), saved(Brightness(), tmp_path / "sm"), data, export_cfg(representative_images=2), LATENCY_CFG)
     assert len(seen) >= 2 and all(images is data.val_images for images in seen)

@@ -44,18 +44,23 @@ def test_single_point_and_empty_input() -> None:
     assert pareto_front([], MAX_ACC_MIN_LATENCY) == []
 
 
-def candidate(run_id: str, name: str, val: float, latency: float, number: int, front: bool) -> Candidate:
+SHIPPED = "tflite_float32, LiteRT XNNPACK, 1 thread"
+
+
+def candidate(run_id: str, name: str, val: float, latency: float, number: int, front: bool,
+              timing: str = SHIPPED) -> Candidate:
     return Candidate(run_id, name, "trial", FLOWERS["fingerprint"], "flowers", "/data/flowers", val, None, latency, 1e6,
-                     number, front, front)
+                     timing, number, front, front)
 
 
 def test_report_files_and_every_point_labelled(tmp_path: Path) -> None:
     flowers = SplitGroup(FLOWERS["fingerprint"], [
         candidate("a", "fast", 0.8, 2.0, 1, True),
-        Candidate("b", "slow", "run", FLOWERS["fingerprint"], "flowers", "/data/flowers", 0.9, 0.88, 9.0, 3e6, 2, True, True),
+        Candidate("b", "slow", "run", FLOWERS["fingerprint"], "flowers", "/data/flowers", 0.9, 0.88, 9.0, 3e6, SHIPPED, 2,
+                  True, True),
         candidate("c", "worse", 0.7, 9.5, 3, False),
     ])
-    unknown = SplitGroup("", [Candidate("d", "old run", "run", "", "", "", 0.5, None, 4.0, 2e6, 1, True, True)])
+    unknown = SplitGroup("", [Candidate("d", "old run", "run", "", "", "", 0.5, None, 4.0, 2e6, SHIPPED, 1, True, True)])
     files = write_report([flowers, unknown], tmp_path, "exp")
     assert [f.name for f in files] == ["runs.csv", "runs.md", "pareto.png"]
     rows = (tmp_path / "runs.csv").read_text().splitlines()
@@ -72,6 +77,25 @@ def test_report_files_and_every_point_labelled(tmp_path: Path) -> None:
     # one panel per split; front points carry their name, the point off the front its number (runs.md names it)
     assert labels == [{"1 fast", "2 slow", "3"}, {"1 old run"}]
     assert [ax.get_title() for ax in figure.axes] == ["flowers (split f1f1f1f1f1f1f1f1): 3 runs", "unknown data: 1 run"]
+    assert f"Latency: {SHIPPED}." in table  # what was timed, once per split
+    assert figure.axes[0].get_xlabel() == f"latency, batch 1, median (ms): {SHIPPED}"
+
+
+def test_a_split_timed_in_different_ways_says_so(tmp_path: Path) -> None:
+    keras = "keras model, tf.function, 2 threads"
+    mixed = SplitGroup(FLOWERS["fingerprint"], [
+        candidate("a", "fast", 0.8, 2.0, 1, True),
+        candidate("b", "other threads", 0.85, 1.5, 2, True, timing="tflite_float32, LiteRT XNNPACK, 2 threads"),
+        candidate("c", "old", 0.9, 9.0, 3, True, timing=keras),
+        candidate("d", "fast too", 0.7, 2.1, 4, False),
+    ])
+    write_report([mixed], tmp_path, "exp")
+    table = (tmp_path / "runs.md").read_text()
+    assert (f"**Latency was measured in 3 different ways here** (2 runs: {SHIPPED}; "
+            f"1 run: tflite_float32, LiteRT XNNPACK, 2 threads; 1 run: {keras})") in table
+    assert draw([mixed], "exp").axes[0].get_xlabel() == "latency, batch 1, median (ms): timed in different ways (runs.md)"
+    timings = [row["timing"] for row in csv.DictReader((tmp_path / "runs.csv").open())]
+    assert timings == [SHIPPED, "tflite_float32, LiteRT XNNPACK, 2 threads", keras, SHIPPED]
 
 
 @pytest.fixture(scope="module")
@@ -98,9 +122,10 @@ def log_run(
     kind: str = "run",
     parent: str | None = None,
     status: str = "FINISHED",
+    tags: dict[str, str] | None = None,
 ) -> str:
     """A run as a job logs it: data params, accuracy, latency and size; returns its id."""
-    tags = {"kind": kind, **({MLFLOW_PARENT_RUN_ID: parent} if parent else {})}
+    tags = {"kind": kind, **({MLFLOW_PARENT_RUN_ID: parent} if parent else {}), **(tags or {})}
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
     run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
     now = int(time.time() * 1000)
@@ -152,6 +177,22 @@ def test_each_data_split_has_its_own_front(client: mlflow.MlflowClient, tmp_path
     assert runs["flowers fast"].pareto and runs["flowers fast"].pareto_with_size  # dominated only by the other split
     assert not runs["flowers slow"].pareto and runs["digits"].pareto
     assert (runs["flowers fast"].data_root, runs["flowers fast"].number, runs["flowers slow"].number) == ("/data/flowers", 1, 2)
+
+
+def test_what_each_run_timed_comes_from_its_tag(client: mlflow.MlflowClient, tmp_path: Path) -> None:
+    experiment = new_experiment(client, tmp_path)
+    keras_tags = {"latency.method": "keras model, tf.function", "latency.measured_threads": "2"}
+    log_run(client, experiment, "shipped", 0.8, 1.0, FLOWERS, tags={"latency.method": SHIPPED})
+    log_run(client, experiment, "before latency.format", 0.9, 9.0, FLOWERS, tags=keras_tags)
+    log_run(client, experiment, "old run timed again", 0.85, 1.1, FLOWERS, tags={**keras_tags, "latency.method": SHIPPED})
+    log_run(client, experiment, "untagged", 0.7, 3.0, FLOWERS)
+    runs = by_name(collect(client, experiment))
+    assert {name: c.timing for name, c in runs.items()} == {
+        "shipped": SHIPPED,
+        "before latency.format": "keras model, tf.function, 2 threads",
+        "old run timed again": SHIPPED,
+        "untagged": "not recorded",
+    }
 
 
 def test_trials_take_the_data_split_of_their_search(client: mlflow.MlflowClient, tmp_path: Path) -> None:

@@ -112,6 +112,8 @@ def test_changed_images_are_refused_on_resume(tmp_path: Path) -> None:
     [
         ("export.formats=[keras]", {"export"}),
         ("latency.runs=7", {"time", "record", "export"}),
+        ("latency.format=tflite_int8", {"time", "record", "export"}),
+        ("latency.threads=2", {"time", "record", "export"}),
         ("evaluate.top_k=2", {"evaluate", "record", "export"}),
         ("mlflow.experiment=other", {"record", "log_model", "export"}),
         ("export.register_model=flowers", {"log_model", "export"}),

@@ -51,7 +51,8 @@ def test_latency_budget_excludes_slow_trials_from_best() -> None:
 
 def test_search_records_parent_trials_and_retrained_best_then_reports(tmp_path: Path, tiny_images: Path) -> None:
     run_dir = tmp_path / "search"
-    result = cli(*tune_overrides(tiny_images, run_dir, "tuner.max_trials=2"), cwd=tmp_path)
+    # a budget the shipped TFLite files meet and the Keras models (tf.function, several ms here) do not
+    result = cli(*tune_overrides(tiny_images, run_dir, "tuner.max_trials=2", "tuner.max_latency_ms=1"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     kinds = runs_by_kind(tmp_path)
     parent, = kinds["search"]
@@ -61,6 +62,10 @@ def test_search_records_parent_trials_and_retrained_best_then_reports(tmp_path: 
     for run in trials:
         assert {"final_val_accuracy", "latency_median_ms", "latency_p90_ms", "params", "macs"} <= set(run.data.metrics)
         assert run.data.params["hp.alpha"] in ("0.35", "1.0")
+        assert (run.data.params["latency.format"], run.data.params["latency.threads"]) == ("tflite_float32", "1")
+        assert run.data.tags["latency.method"] == "tflite_float32, LiteRT XNNPACK, 1 thread"
+        latency, keras_latency = run.data.metrics["latency_median_ms"], run.data.metrics["keras_latency_median_ms"]
+        assert latency <= 1 < keras_latency and run.data.metrics["within_latency_budget"] == 1.0
         assert run.info.status == "FINISHED"
     assert "test_accuracy" in best[0].data.metrics  # the best is retrained and tested
     assert parent.data.tags["best_trial"] == best[0].data.tags["best_trial"]
@@ -71,6 +76,7 @@ def test_search_records_parent_trials_and_retrained_best_then_reports(tmp_path: 
     rows = (tmp_path / "report" / "runs.csv").read_text().splitlines()
     assert len(rows) == 1 + 3  # two trials and the retrained best; the parent search run has no model
     assert (tmp_path / "report" / "pareto.png").is_file()
+    assert "Latency: tflite_float32, LiteRT XNNPACK, 1 thread." in (tmp_path / "report" / "runs.md").read_text()
     assert "report" in runs_by_kind(tmp_path)
 
 
