@@ -12,6 +12,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from finetune import quantization
 from finetune.artifacts import (
     FLOAT_FORMATS,
     SAVED_MODEL_DIR,
@@ -31,8 +32,6 @@ from finetune.cost import (
     time_calls,
 )
 from finetune.tflite_metadata import add_metadata
-
-RAW_PIXELS = (1.0, 0)  # the int8 file's input scale and zero point: uint8 pixel values go in as they are
 
 
 @dataclass
@@ -77,52 +76,21 @@ def write_saved_model(model: keras.Model, path: Path, top_k: int | None) -> None
     archive.write_out(str(path), verbose=False)
 
 
-def convert_tflite(saved_model: Path, fmt: str, representative: np.ndarray) -> bytes:
+def convert_tflite(saved_model: Path, fmt: str, representative: np.ndarray | None = None) -> bytes:
     """TFLite conversion of the fixed-size float endpoint (through the SavedModel, as Keras 3 needs).
 
-    The int8 model takes raw uint8 pixels: ExportError if its input quantization is not RAW_PIXELS.
+    tflite_int8 here is plain int8 calibrated on the `representative` images; it takes raw pixels, or
+    ExportError. (The bundle's int8 file is the recipe `quantization.choose_int8` chose.)
     """
+    if fmt == "tflite_int8":
+        return quantization.convert_int8(saved_model, representative)
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model), signature_keys=["serving_float"])
     if fmt == "tflite_float16":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]
     elif fmt == "tflite_dynamic":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    elif fmt == "tflite_int8":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = lambda: ([image[None]] for image in _full_range_calibration(representative))
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        converter.inference_input_type = tf.uint8  # raw pixels go straight in
-        converter.inference_output_type = tf.uint8
-    model = converter.convert()
-    if fmt == "tflite_int8":
-        check_raw_pixel_input(model)
-    return model
-
-
-def _full_range_calibration(images: np.ndarray) -> np.ndarray:
-    """The calibration images as float32, with one black pixel (first image) and one white pixel (last image).
-
-    The converter quantizes the uint8 input with the calibrated range of the float input; a range of
-    exactly 0..255 gives scale 1 and zero point 0.
-    """
-    calibration = images.astype("float32")
-    calibration[0, 0, 0] = 0.0
-    calibration[-1, -1, -1] = 255.0
-    return calibration
-
-
-def check_raw_pixel_input(model: bytes) -> None:
-    """Fail loudly unless a TFLite model's input is uint8 with scale 1 and zero point 0."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    details = Interpreter(model_content=model).get_input_details()[0]
-    scale, zero_point = details["quantization"]
-    if details["dtype"] != np.uint8 or (scale, zero_point) != RAW_PIXELS:
-        raise ExportError(
-            f"tflite_int8 input is {np.dtype(details['dtype']).name} with scale {scale:.6g} and zero point "
-            f"{zero_point}; raw pixels need uint8 with scale 1 and zero point 0"
-        )
+    return converter.convert()
 
 
 def export_bundle(
@@ -132,7 +100,7 @@ def export_bundle(
     class_names: list[str],
     test_images: np.ndarray,
     test_labels: np.ndarray,
-    representative: np.ndarray,
+    int8_data: quantization.Int8Data,
     export_cfg: Any,
     latency_cfg: Any,
     top_k: int,
@@ -140,6 +108,7 @@ def export_bundle(
 ) -> list[ArtifactReport]:
     """Write every requested format into out_dir, measure each on the test split, and check float parity.
 
+    The int8 file's recipe is chosen on int8_data's validation split (`quantization`), never on the test split.
     The bundle is built in a sibling `.partial` folder and moved into place only when complete (`bundle_folder`).
     """
     formats = list(export_cfg.formats)
@@ -147,9 +116,13 @@ def export_bundle(
         model.save(artifact_path(partial, "keras"))
         write_saved_model(model, partial / SAVED_MODEL_DIR, top_k)
         (partial / LABELS_FILE).write_text("".join(name + "\n" for name in class_names))
+        int8 = None
+        if "tflite_int8" in formats:
+            int8 = quantization.choose_int8(model, partial / SAVED_MODEL_DIR, int8_data, export_cfg, latency_cfg)
         for fmt in formats:
             if fmt in TFLITE_FORMATS:
-                artifact_path(partial, fmt).write_bytes(convert_tflite(partial / SAVED_MODEL_DIR, fmt, representative))
+                tflite = int8.model if fmt == "tflite_int8" else convert_tflite(partial / SAVED_MODEL_DIR, fmt)
+                artifact_path(partial, fmt).write_bytes(tflite)
                 add_metadata(artifact_path(partial, fmt), partial / LABELS_FILE, metadata)
 
         reference = np.asarray(model.predict(test_images.astype("float32"), batch_size=32, verbose=0))
@@ -160,6 +133,10 @@ def export_bundle(
         for fmt in ("keras", "saved_model"):
             if fmt not in formats:  # written only as the reference or the conversion source
                 _remove(artifact_path(partial, fmt))
+        if int8:
+            int8_report = asdict(next(r for r in reports if r.format == "tflite_int8"))
+            float_test_accuracy = float(np.mean(reference.argmax(-1) == test_labels))
+            metadata = {**metadata, "int8": int8.record(int8_report, float_test_accuracy)}
         write_model_card(partial, reports, {**metadata, "classes": class_names, "formats": formats})
     return reports
 
@@ -236,6 +213,7 @@ def artifact_table(reports: list[dict[str, Any]]) -> str:
 
 def render_card(record: dict[str, Any]) -> str:
     """The model card in Markdown."""
+    int8_section = "\n" + quantization.render(record["int8"]) if "int8" in record else ""
     return f"""# Model card: {record['backbone']['name']} fine-tuned on {record['dataset']['name']}
 
 ## Model
@@ -243,7 +221,7 @@ def render_card(record: dict[str, Any]) -> str:
 - Input: {record['input_size']}x{record['input_size']} RGB, raw 0..255 pixel values; preprocessing is inside every artifact
   (the SavedModel `serve` signature also resizes any uint8 image itself, bilinear).
 - Output: probabilities over {len(record['classes'])} classes, in the order of `labels.txt`: {', '.join(record['classes'])}.
-- TFLite int8: uint8 input (raw pixels: scale 1, zero point 0) and uint8 output (probability x 256).
+- TFLite int8: {record['int8']['input'] if 'int8' in record else quantization.INPUTS['uint8']}.
 
 ## Training
 - Dataset: {record['dataset']['name']} at `{record['dataset']['root']}`, split fingerprint `{record['dataset']['fingerprint']}`
@@ -255,7 +233,7 @@ def render_card(record: dict[str, Any]) -> str:
 Latency: {latency_paragraph(record['latency'], record['machine'])}
 
 {artifact_table(record['artifacts'])}
-"""
+{int8_section}"""
 
 
 def latency_paragraph(latency: dict[str, Any], machine: str) -> str:

@@ -8,6 +8,7 @@ import os
 import platform
 import sys
 from dataclasses import asdict
+from functools import partial
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,10 @@ from omegaconf import DictConfig, OmegaConf
 from finetune import tracking
 from finetune.artifacts import ExportError
 from finetune.bundle import ArtifactReport, artifact_table, export_bundle
-from finetune.config import UsageError, validate_export
+from finetune.bundle_folder import METADATA_FILE
+from finetune.config import CONF_DIR, UsageError, validate_export
 from finetune.dataset import Split, load_images, read_splits
+from finetune.quantization import Int8Data, summary
 from finetune.runfolder import MANIFEST_FILE, Manifest
 
 BUNDLE_DIR = "export"
@@ -42,7 +45,6 @@ def export_run(
     """
     size = cfg.backbone.input_size
     test_images = load_images(splits["test"].paths, size)
-    representative = calibration_images(cfg, splits)
     run = mlflow.active_run()
     metadata = {
         "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
@@ -60,23 +62,33 @@ def export_run(
         class_names=class_names,
         test_images=test_images,
         test_labels=np.asarray(splits["test"].labels),
-        representative=representative,
+        int8_data=int8_data(cfg, splits),
         export_cfg=cfg.export,
         latency_cfg=cfg.latency,
         top_k=cfg.evaluate.top_k,
         metadata=metadata,
     )
     print(f"\nExport bundle in {bundle_dir} (measured on {len(test_images)} test images):\n{artifact_table([asdict(r) for r in reports])}")
+    int8 = json.loads((bundle_dir / METADATA_FILE).read_text()).get("int8")
+    if int8:
+        print(summary(int8))
     if run:
         _log_bundle(bundle_dir, reports)
     return reports
 
 
-def calibration_images(cfg: DictConfig, splits: dict[str, Split]) -> np.ndarray:
-    """The training images that calibrate int8: export.representative_images of them (all when fewer), by the seed."""
-    rng = np.random.default_rng(cfg.seed)
+def int8_data(cfg: DictConfig, splits: dict[str, Split]) -> Int8Data:
+    """The validation split that chooses the int8 recipe, and the training images that calibrate it."""
+    val = splits["val"]
+    return Int8Data(load_images(val.paths, cfg.backbone.input_size), np.asarray(val.labels),
+                    partial(calibration_images, cfg, splits), len(splits["train"].paths))
+
+
+def calibration_images(cfg: DictConfig, splits: dict[str, Split], count: int | None = None) -> np.ndarray:
+    """The first `count` training images (default export.representative_images; all when fewer) in an order fixed by the seed."""
     train_paths = splits["train"].paths
-    chosen = rng.choice(len(train_paths), min(cfg.export.representative_images, len(train_paths)), replace=False)
+    order = np.random.default_rng(cfg.seed).permutation(len(train_paths))
+    chosen = order[:cfg.export.representative_images if count is None else count]
     return load_images([train_paths[i] for i in sorted(chosen)], cfg.backbone.input_size)
 
 
@@ -107,6 +119,11 @@ def resolve_run_dir(run: str, tracking_uri: str) -> Path:
     return Path(tags["run_dir"])
 
 
+def with_new_keys(saved: DictConfig) -> DictConfig:
+    """A saved run's export settings, with the default of every key added since the run (export.int8.*)."""
+    return OmegaConf.merge(OmegaConf.load(CONF_DIR / "export" / "default.yaml"), saved)
+
+
 def export_saved_run(run_dir: Path, formats: list[str] | None) -> list[ArtifactReport]:
     """Export the model a finished run saved, with its own config and data splits."""
     needed = [run_dir / name for name in ("config.yaml", "model.keras", "data_splits.csv", "metrics.json", MANIFEST_FILE)]
@@ -114,6 +131,7 @@ def export_saved_run(run_dir: Path, formats: list[str] | None) -> list[ArtifactR
     if missing:
         raise UsageError(f"{run_dir} is not a finished run directory (missing {', '.join(missing)})")
     cfg = OmegaConf.load(run_dir / "config.yaml")
+    cfg.export = with_new_keys(cfg.export)
     if formats is not None:
         cfg.export.formats = formats
     validate_export(cfg.export)

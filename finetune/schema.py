@@ -224,9 +224,17 @@ class Tolerance:
 
 
 @dataclass
+class Int8:
+    max_drop: float = leaf(Rule(low=0, high=1))
+    max_slowdown: Optional[float] = leaf(at_least(1))  # null: no latency budget
+    integer_only: bool = leaf(FLAG)
+
+
+@dataclass
 class Export:
     formats: List[str] = leaf(Rule(choices=FORMATS))
     representative_images: int = leaf(at_least(1))
+    int8: Int8 = field(default_factory=Int8)
     tolerance: Tolerance = field(default_factory=Tolerance)
     register_model: Optional[str] = leaf(NAME)
 

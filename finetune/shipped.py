@@ -2,7 +2,8 @@
 
 Every run and every tuner trial is timed this way, whether or not its bundle keeps that format. The file is
 made as the export makes it (a SavedModel, then the TFLite converter; int8 calibrated on the export's
-training images), except that the SavedModel has only the endpoint the converter reads.
+training images; for int8 the plain recipe, not the one the export chooses on the validation split), except
+that the SavedModel has only the endpoint the converter reads.
 """
 
 from __future__ import annotations

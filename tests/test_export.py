@@ -20,19 +20,22 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import SHARED_WEIGHTS
-from finetune import bundle as bundle_module
 from finetune import export as export_module
-from finetune import artifacts, predict, tflite_metadata
+from finetune import artifacts, predict, quantization, tflite_metadata
 from finetune.artifacts import (
     FLOAT_FORMATS, FORMATS, TFLITE_FORMATS, ExportError, TFLitePredictor, artifact_path, load_predictor,
 )
 from finetune.bundle import convert_tflite, export_bundle
+from finetune.config import UsageError, compose, validate_export
+from finetune.quantization import Int8Data
 from finetune.model import build_classifier
 from finetune.tracking import tracked_run
 
 SIZE = 64
 CLASSES = ["a", "b", "c"]
-EXPORT_CFG = OmegaConf.create({"formats": list(FORMATS), "tolerance": {"float32": 1e-3, "float16": 5e-2}})
+EXPORT_CFG = OmegaConf.create({"formats": list(FORMATS), "representative_images": 20,
+                               "int8": {"max_drop": 0.01, "integer_only": False, "max_slowdown": 2.0},
+                               "tolerance": {"float32": 1e-3, "float16": 5e-2}})
 LATENCY_CFG = OmegaConf.create({"format": "tflite_float32", "threads": 1, "keras_threads": None, "warmup": 1, "runs": 3})
 METADATA = {
     "backbone": {"name": "mobilenet_v2", "alpha": 0.35}, "input_size": SIZE, "mlflow_run_id": "0123abcd",
@@ -70,9 +73,13 @@ def bundle(tmp_path_factory: pytest.TempPathFactory, trained_model: keras.Model)
     test_images, test_labels = images_and_labels(12, seed=2)
     no_black_or_white = np.clip(images_and_labels(20, seed=3)[0], 16, 240)  # calibration; int8 input still 0..255
     reports = export_bundle(trained_model, out, class_names=CLASSES, test_images=test_images, test_labels=test_labels,
-                            representative=no_black_or_white, export_cfg=EXPORT_CFG,
+                            int8_data=int8_data(*images_and_labels(9, seed=8), no_black_or_white), export_cfg=EXPORT_CFG,
                             latency_cfg=LATENCY_CFG, top_k=2, metadata=METADATA)
     return out, reports
+
+
+def int8_data(val_images: np.ndarray, val_labels: np.ndarray, training: np.ndarray) -> Int8Data:
+    return Int8Data(val_images, val_labels, lambda count: training[:count], len(training))
 
 
 def test_every_format_is_written_measured_and_described(bundle: tuple[Path, list]) -> None:
@@ -134,18 +141,44 @@ def test_int8_model_is_integer_only_and_takes_raw_pixels(bundle: tuple[Path, lis
     assert float_tensors == []
 
 
-def test_failed_export_leaves_no_bundle(tmp_path: Path, trained_model: keras.Model, monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(saved_model: Path, fmt: str, representative: np.ndarray) -> bytes:
-        if fmt == "tflite_int8":
-            raise RuntimeError("converter crashed")
-        return real(saved_model, fmt, representative)
+def test_the_card_and_metadata_say_how_int8_was_quantized(bundle: tuple[Path, list]) -> None:
+    out, reports = bundle
+    record = json.loads((out / "metadata.json").read_text())["int8"]
+    measured = next(r for r in reports if r.format == "tflite_int8")
+    assert record["tried"][0]["recipe"] == "int8" and record["recipe"] == record["tried"][-1]["recipe"]
+    assert (record["test_accuracy"], record["size_mb"], record["latency_median_ms"]) == (
+        measured.accuracy, measured.size_mb, measured.latency_median_ms)
+    assert record["float_test_accuracy"] == pytest.approx(measured.accuracy - measured.accuracy_delta)
+    assert record["val_drop"] == pytest.approx(record["float_val_accuracy"] - record["val_accuracy"])
+    assert record["val_lost"] >= record["val_drop"] and record["within_budget"] == (record["val_lost"] <= 0.01)
+    assert record["integer_only"] == (record["float_ops"] == [] and record["recipe"] != "int16x8")
+    card = (out / "model_card.md").read_text()
+    assert f"- Recipe `{record['recipe']}`, calibrated on {record['calibration_images']} training images" in card
+    assert f"| int8 file | {record['val_accuracy']:.4f} | {record['test_accuracy']:.4f} |" in card
 
-    real = bundle_module.convert_tflite
-    monkeypatch.setattr(bundle_module, "convert_tflite", broken)
+
+def test_a_run_saved_before_the_int8_keys_exports_with_their_defaults() -> None:
+    defaults = compose([]).export
+    saved = OmegaConf.create(OmegaConf.to_container(defaults))
+    del saved["int8"]
+    saved.formats = ["tflite_int8"]
+    with pytest.raises(UsageError, match="export.int8.max_drop must be set"):
+        validate_export(saved)
+    settings = export_module.with_new_keys(saved)
+    validate_export(settings)
+    assert (settings.int8, list(settings.formats)) == (defaults.int8, ["tflite_int8"])
+
+
+def test_failed_export_leaves_no_bundle(tmp_path: Path, trained_model: keras.Model, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(saved_model: Path, calibration: np.ndarray) -> bytes:
+        raise RuntimeError("converter crashed")
+
+    monkeypatch.setattr(quantization, "convert_int8", broken)
     images, labels = images_and_labels(4, seed=5)
     with pytest.raises(RuntimeError, match="converter crashed"):
         export_bundle(trained_model, tmp_path / "export", class_names=CLASSES, test_images=images, test_labels=labels,
-                      representative=images, export_cfg=EXPORT_CFG, latency_cfg=LATENCY_CFG, top_k=2, metadata=METADATA)
+                      int8_data=int8_data(images, labels, images), export_cfg=EXPORT_CFG, latency_cfg=LATENCY_CFG,
+                      top_k=2, metadata=METADATA)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -154,7 +187,8 @@ def test_float_drift_beyond_tolerance_fails_loudly(tmp_path: Path, trained_model
     images, labels = images_and_labels(4, seed=6)
     with pytest.raises(ExportError, match="tflite_float16 differs from the Keras model"):
         export_bundle(trained_model, tmp_path / "export", class_names=CLASSES, test_images=images, test_labels=labels,
-                      representative=images, export_cfg=strict, latency_cfg=LATENCY_CFG, top_k=2, metadata=METADATA)
+                      int8_data=int8_data(images, labels, images), export_cfg=strict, latency_cfg=LATENCY_CFG,
+                      top_k=2, metadata=METADATA)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -211,7 +245,8 @@ def test_int8_export_takes_raw_pixels_after_a_narrow_calibration(brightness_save
 
 def test_an_int8_input_that_is_not_raw_pixels_fails_the_export(brightness_saved_model: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(bundle_module, "_full_range_calibration", lambda images: images.astype("float32"))
+    monkeypatch.setattr(quantization, "full_range_calibration",
+                        lambda images: lambda: ([image[None].astype("float32")] for image in images))
     with pytest.raises(ExportError, match="tflite_int8 input is uint8 with scale 0.7843.* and zero point 0; raw pixels"):
         convert_tflite(brightness_saved_model, "tflite_int8", solid_images(0, 200))
 
