@@ -228,7 +228,7 @@ class CachedFeeds:
         others = sum(t.memory_bytes for key, t in _IN_PROCESS.items() if key != self.key)
         in_memory = sum(sizes) <= self._budget_bytes() - others
         self.record["feature_cache_storage"] = "memory" if in_memory else "disk"
-        self.record["feature_cache_gb"] = round(sum(sizes) / GB, 3)
+        self.record["feature_cache_mb"] = round(sum(sizes) / 1e6, 1)
         read = (lambda path: np.load(path)) if in_memory else (lambda path: np.load(path, mmap_mode="r"))
         return CachedTensors(
             train={name: [read(self._paths(view)[name]) for view in range(self.views)] for name in self.cut.names},
@@ -246,7 +246,7 @@ class CachedFeeds:
                  f"read from disk ({self.folder}): more than memory_budget_gb={budget} with the process's other caches")
         cut = f"phase 2 from the input of {self.cut.boundary}" if self.cut.boundary else "no phase-2 cache"
         print(f"Feature cache: {self.views} view(s) of {len(self.splits['train'].labels)} training images and the "
-              f"{len(self.splits['val'].labels)} validation images, {cut}; {self.record.get('feature_cache_gb', 0)} GB "
+              f"{len(self.splits['val'].labels)} validation images, {cut}; {self.record.get('feature_cache_mb', 0)} MB "
               f"{where}; reused: {reused}; {seconds:.1f} s", flush=True)
         self.record.update(feature_cache_reused=reused, feature_cache_seconds=seconds,
                            feature_cache_boundary=self.cut.boundary or "none")
