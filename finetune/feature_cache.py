@@ -144,7 +144,8 @@ def cache_key(cfg: DictConfig, backbone: keras.Model, fingerprint: str, views: i
 
 
 def view_seed(seed: int, view: int) -> int:
-    """The augmentation seed of one view: a child of the run seed, so a resumed run redraws a missing view alike."""
+    """The augmentation seed of one view: a child of the run seed, so a view written again after a kill is
+    still a view of its own (not the first view's draws). Parallel augmentation makes it differ from the lost one."""
     return int(np.random.SeedSequence([seed, view]).generate_state(1)[0]) & 0x7FFFFFFF
 
 
