@@ -107,11 +107,18 @@ class CachedTensors:
     train: dict[str, list[np.ndarray]]
     val: dict[str, np.ndarray]
 
+    def arrays(self) -> list[np.ndarray]:
+        return [a for views in self.train.values() for a in views] + list(self.val.values())
+
     @property
     def memory_bytes(self) -> int:
         """Bytes held in memory (memory-mapped arrays live on disk)."""
-        arrays = [a for views in self.train.values() for a in views] + list(self.val.values())
-        return sum(a.nbytes for a in arrays if not isinstance(a, np.memmap))
+        return sum(a.nbytes for a in self.arrays() if not isinstance(a, np.memmap))
+
+    @property
+    def storage(self) -> str:
+        """Where the arrays are read from: "memory" or "disk"."""
+        return "disk" if any(isinstance(a, np.memmap) for a in self.arrays()) else "memory"
 
 
 _IN_PROCESS: OrderedDict[str, CachedTensors] = OrderedDict()  # key -> tensors, least recently used first
@@ -183,19 +190,19 @@ class CachedFeeds:
     def tensors(self) -> CachedTensors:
         """The cached tensors: from this process, else from the cache folder, computing the views not there."""
         if self._tensors is None:
-            reused = _IN_PROCESS.get(self.key)
             started = time.perf_counter()
-            if reused is None:
-                written = self._views_written()
-                self._fill()
-                reused = self._load()
-                source = "from files" if written == self.views else ("no" if written == 0 else f"{written} of {self.views} views")
-            else:
-                source = "in process"
-            self._tensors = reused
-            _remember(self.key, reused, self._budget_bytes())
-            self._report(source, time.perf_counter() - started)
+            self._tensors, reused = self._find_or_fill()
+            _remember(self.key, self._tensors, self._budget_bytes())
+            self._report(reused, time.perf_counter() - started)
         return self._tensors
+
+    def _find_or_fill(self) -> tuple[CachedTensors, str]:
+        """The tensors, and what was reused: "in process", "from files", "no", or how many views of the files."""
+        if self.key in _IN_PROCESS:
+            return _IN_PROCESS[self.key], "in process"
+        written = self._views_written()
+        self._fill()
+        return self._load(), {0: "no", self.views: "from files"}.get(written, f"{written} of {self.views} views")
 
     def _budget_bytes(self) -> float:
         return self.cfg.memory_budget_gb * GB
@@ -228,8 +235,6 @@ class CachedFeeds:
         sizes = [p.stat().st_size for view in [None, *range(self.views)] for p in self._paths(view).values()]
         others = sum(t.memory_bytes for key, t in _IN_PROCESS.items() if key != self.key)
         in_memory = sum(sizes) <= self._budget_bytes() - others
-        self.record["feature_cache_storage"] = "memory" if in_memory else "disk"
-        self.record["feature_cache_mb"] = round(sum(sizes) / 1e6, 1)
         read = (lambda path: np.load(path)) if in_memory else (lambda path: np.load(path, mmap_mode="r"))
         return CachedTensors(
             train={name: [read(self._paths(view)[name]) for view in range(self.views)] for name in self.cut.names},
@@ -242,12 +247,14 @@ class CachedFeeds:
         return cached_batches(arrays, labels, self.cfg.data.batch_size, self.cfg.seed if shuffle else None)
 
     def _report(self, reused: str, seconds: float) -> None:
-        storage, budget = self.record.get("feature_cache_storage", "memory"), self.cfg.memory_budget_gb
+        storage, budget = self._tensors.storage, self.cfg.memory_budget_gb
+        self.record.update(feature_cache_storage=storage,
+                           feature_cache_mb=round(sum(a.nbytes for a in self._tensors.arrays()) / 1e6, 1))
         where = (f"in memory (memory_budget_gb={budget})" if storage == "memory" else
                  f"read from disk ({self.folder}): more than memory_budget_gb={budget} with the process's other caches")
         cut = f"phase 2 from the input of {self.cut.boundary}" if self.cut.boundary else "no phase-2 cache"
         print(f"Feature cache: {self.views} view(s) of {len(self.splits['train'].labels)} training images and the "
-              f"{len(self.splits['val'].labels)} validation images, {cut}; {self.record.get('feature_cache_mb', 0)} MB "
+              f"{len(self.splits['val'].labels)} validation images, {cut}; {self.record['feature_cache_mb']} MB "
               f"{where}; reused: {reused}; {seconds:.1f} s", flush=True)
         self.record.update(feature_cache_reused=reused, feature_cache_seconds=seconds,
                            feature_cache_boundary=self.cut.boundary or "none")
