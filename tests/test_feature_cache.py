@@ -237,6 +237,7 @@ def test_mixup_trains_on_images_and_says_why(tmp_path: Path, tiny_images: Path, 
     assert "data.augment.mixup > 0" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # two trainings per mode; the CLI's kill -9 resume (test_cli_run) is slow too
 @pytest.mark.parametrize("cached", ["false", "true"])
 def test_a_run_stopped_in_phase_2_resumes_there(tmp_path: Path, tiny_images: Path, cached: str,
                                                 monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
