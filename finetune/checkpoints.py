@@ -22,12 +22,16 @@ PREVIOUS = ".bkp"
 
 
 class BestCheckpoint(keras.callbacks.Callback):
-    """The weights of the epoch with the highest val_accuracy so far (above `best`), replaced atomically."""
+    """The weights of the epoch with the highest val_accuracy so far (above `best`), replaced atomically.
 
-    def __init__(self, path: Path, best: float | None) -> None:
+    `saved` is the model whose weights are written (default: the one being fitted), e.g. the whole
+    classifier while only its head is fitted."""
+
+    def __init__(self, path: Path, best: float | None, saved: keras.Model | None = None) -> None:
         super().__init__()
         self.path = path
         self.best = best
+        self.saved = saved
 
     def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
         value = (logs or {}).get("val_accuracy")
@@ -35,7 +39,7 @@ class BestCheckpoint(keras.callbacks.Callback):
             return
         self.best = value
         partial = self.path.with_name(self.path.name.replace(".weights.h5", ".partial.weights.h5"))
-        self.model.save_weights(partial)
+        (self.saved or self.model).save_weights(partial)
         os.replace(partial, self.path)
 
 

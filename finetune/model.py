@@ -12,6 +12,7 @@ from finetune.config import UsageError
 from finetune.weights import missing_weights_message, resolve
 
 BACKBONE_LAYER = "backbone"
+POOL_LAYER = "pool"  # the global pooling on the backbone's output: the head starts after it
 IMAGENET_STDDEV_RGB = (0.229, 0.224, 0.225)  # keras.applications.efficientnet's own (non-public) constant
 
 
@@ -77,7 +78,7 @@ def build_classifier(cfg: Any, num_classes: int) -> keras.Model:
         x = keras.layers.Rescaling(1 / 127.5, offset=-1, name="scale_to_pm1")(x)
     x = backbone(x, training=False)  # BatchNorm keeps its moving statistics in both phases
     pooling = keras.layers.GlobalAveragePooling2D if cfg.head.pooling == "avg" else keras.layers.GlobalMaxPooling2D
-    x = pooling(name="pool")(x)
+    x = pooling(name=POOL_LAYER)(x)
     x = keras.layers.Dropout(cfg.head.dropout, name="dropout")(x)
     for index, units in enumerate(cfg.head.hidden_units):
         x = keras.layers.Dense(units, activation="relu", name=f"hidden_{index}")(x)

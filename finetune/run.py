@@ -15,7 +15,7 @@ import mlflow
 import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
-from finetune import cost, interrupts, tracking
+from finetune import cost, feature_cache, interrupts, tracking
 from finetune.backbones import BACKBONES
 from finetune.dataset import (
     SPLITS,
@@ -34,7 +34,7 @@ from finetune.model import build_classifier
 from finetune.sources import data_root
 from finetune.runfolder import STAGES, Manifest, stage_key, write_json
 from finetune.shipped import model_latencies
-from finetune.trainer import PhaseResult, RunState, balanced_class_weight, train_two_phases
+from finetune.trainer import ImageFeeds, PhaseResult, RunState, balanced_class_weight, train_two_phases
 from finetune.weights import resolve as resolve_weights
 
 
@@ -66,6 +66,12 @@ class PreparedData:
         train = make_dataset(self.splits["train"], self.num_classes, size, batch, augmenter, seed=cfg.seed)
         val, test = (make_dataset(self.splits[name], self.num_classes, size, batch) for name in ("val", "test"))
         return train, val, test
+
+    def feeds(self, cfg: DictConfig, model: keras.Model, cache_folder: Path) -> feature_cache.Feeds:
+        """What the phases train on: image batches, or the model's cached features in cache_folder/feature_cache."""
+        train, val, _ = self.datasets(cfg)
+        return feature_cache.feeds_for(cfg, model, ImageFeeds(model, train, val), self.splits, self.num_classes,
+                                       self.info["fingerprint"], cache_folder / feature_cache.CACHE_DIR)
 
 
 def prepare_data(cfg: DictConfig) -> PreparedData:
@@ -160,14 +166,15 @@ class _Stages:
         print(f"{cfg.backbone.name} with weights: {weights_source}; {len(data.folder.paths)} images in "
               f"{data.num_classes} classes")
         model = build_classifier(cfg, data.num_classes)
-        train_ds, val_ds, _ = data.datasets(cfg)
+        feeds = data.feeds(cfg, model, self.run_dir)
         class_weight = (balanced_class_weight(data.splits["train"].labels, data.num_classes)
                         if cfg.head.class_weight == "auto" else None)
-        phases = train_two_phases(model, cfg, train_ds, val_ds, self.run_dir, self.state, class_weight)
+        phases = train_two_phases(model, cfg, feeds, self.run_dir, self.state, class_weight)
         interrupts.check()
         partial = self.run_dir / "model.partial.keras"  # a kill during the save leaves no half model.keras
         model.save(partial)
         os.replace(partial, self.model_path)
+        feature_cache.remove_files(self.run_dir)
         self._model = model
         mlflow.log_param("backbone.weights_source", weights_source)
         self.results.update({
@@ -177,6 +184,7 @@ class _Stages:
             "skipped_images": len(data.folder.skipped),
             "classes": data.folder.class_names,
             "dataset": data.info,
+            **feeds.record,
         })
 
     def evaluate(self) -> None:

@@ -213,6 +213,8 @@ class Phase2(Phase):
 class Train:
     label_smoothing: float = leaf(FRACTION)
     early_stopping_patience: int = leaf(at_least(1))
+    feature_cache: bool = leaf(FLAG)
+    feature_views: int = leaf(at_least(1))
     phase1: Phase1 = field(default_factory=Phase1)
     phase2: Phase2 = field(default_factory=Phase2)
 
@@ -297,6 +299,7 @@ class Config:
     seed: int = leaf(SEED)
     deterministic: bool = leaf(FLAG)
     weights_dir: Optional[str] = leaf(Rule(free="a folder of Keras weight files"))
+    memory_budget_gb: float = leaf(POSITIVE)  # every in-memory cache of a run (decoded images, features) together
     mlflow: Mlflow = field(default_factory=Mlflow)
     latency: Latency = field(default_factory=Latency)
     evaluate: Evaluate = field(default_factory=Evaluate)

@@ -7,7 +7,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Protocol
 
 import keras
 import mlflow
@@ -90,11 +90,46 @@ def balanced_class_weight(labels: list[int], num_classes: int) -> dict[int, floa
     return dict(enumerate(weights.tolist()))
 
 
+@dataclass
+class Feed:
+    """What one phase fits: a model whose weights are the classifier's (all of it, or the part above a
+    cache) and its training and validation batches."""
+
+    model: keras.Model
+    train: tf.data.Dataset
+    val: tf.data.Dataset
+
+
+class Feeds(Protocol):
+    """Each phase's feed, asked for once the backbone is frozen (phase 1) or its top unfrozen (phase 2)."""
+
+    steps_per_epoch: int
+    record: dict[str, Any]  # what the feeds did (for metrics.json), e.g. whether a cache was reused
+
+    def phase1(self) -> Feed: ...
+
+    def phase2(self) -> Feed: ...
+
+
+class ImageFeeds:
+    """train.feature_cache=false: both phases fit the whole classifier on image batches."""
+
+    def __init__(self, model: keras.Model, train_ds: tf.data.Dataset, val_ds: tf.data.Dataset) -> None:
+        self.feed = Feed(model, train_ds, val_ds)
+        self.steps_per_epoch = int(train_ds.cardinality())
+        self.record: dict[str, Any] = {}
+
+    def phase1(self) -> Feed:
+        return self.feed
+
+    def phase2(self) -> Feed:
+        return self.feed
+
+
 def train_two_phases(
     model: keras.Model,
     cfg: Any,
-    train_ds: tf.data.Dataset,
-    val_ds: tf.data.Dataset,
+    feeds: Feeds,
     run_dir: Path,
     state: RunState,
     class_weight: dict[int, float] | None = None,
@@ -104,24 +139,28 @@ def train_two_phases(
     best_path.parent.mkdir(parents=True, exist_ok=True)
     train, backbone = cfg.train, model_backbone(model)
     spec = BACKBONES[cfg.backbone.name]
-    fit = dict(train_ds=train_ds, val_ds=val_ds, run_dir=run_dir, state=state, best_path=best_path, class_weight=class_weight,
-               patience=train.early_stopping_patience)
+    fit = dict(classifier=model, cfg=cfg, run_dir=run_dir, state=state, best_path=best_path,
+               class_weight=class_weight)
+    steps_per_epoch = feeds.steps_per_epoch
 
-    steps_per_epoch = int(train_ds.cardinality())
     freeze_backbone(backbone)
-    phase1_rate = learning_rate(train.phase1, steps_per_epoch)
-    _compile(model, OPTIMIZERS[train.phase1.optimizer](learning_rate=phase1_rate), cfg)
-    results = {"phase1": _run_phase(model, 1, 0, train.phase1.epochs, **fit)}
+    results = {"phase1": _run_phase(feeds.phase1, lambda: phase1_optimizer(train.phase1, steps_per_epoch),
+                                    1, 0, train.phase1.epochs, **fit)}
     _load_best(model, best_path)
 
     if cfg.backbone.unfreeze_blocks > 0 and train.phase2.epochs > 0:
         unfrozen = unfreeze_top_blocks(backbone, spec, cfg.backbone.unfreeze_blocks)
         state.update(unfrozen_blocks=unfrozen)
-        _compile(model, phase2_optimizer(train.phase2, steps_per_epoch), cfg)
         start = results["phase1"].epochs
-        results["phase2"] = _run_phase(model, 2, start, start + train.phase2.epochs, **fit)
+        results["phase2"] = _run_phase(feeds.phase2, lambda: phase2_optimizer(train.phase2, steps_per_epoch),
+                                       2, start, start + train.phase2.epochs, **fit)
         _load_best(model, best_path)  # best of both phases: phase 2 only saves when it beats phase 1
     return results
+
+
+def phase1_optimizer(phase1_cfg: Any, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    """The configured optimizer at the phase's learning rate."""
+    return OPTIMIZERS[phase1_cfg.optimizer](learning_rate=learning_rate(phase1_cfg, steps_per_epoch))
 
 
 def phase2_optimizer(phase2_cfg: Any, steps_per_epoch: int) -> keras.optimizers.SGD:
@@ -170,37 +209,41 @@ def _compile(model: keras.Model, optimizer: keras.optimizers.Optimizer, cfg: Any
 
 
 def _run_phase(
-    model: keras.Model,
+    feed_of_phase: Callable[[], Feed],
+    optimizer: Callable[[], keras.optimizers.Optimizer],
     phase: int,
     initial_epoch: int,
     epochs: int,
     *,
-    train_ds: tf.data.Dataset,
-    val_ds: tf.data.Dataset,
+    classifier: keras.Model,
+    cfg: Any,
     run_dir: Path,
     state: RunState,
     best_path: Path,
     class_weight: dict[int, float] | None,
-    patience: int,
 ) -> PhaseResult:
-    """Fit one phase, or return its recorded result when an earlier attempt finished it."""
+    """Fit one phase, or return its recorded result when an earlier attempt finished it.
+
+    The best checkpoint always holds the whole classifier's weights, whichever model the feed fits."""
     key = f"phase{phase}"
     if state.get(key):
         return PhaseResult(**state.get(key))
+    started = time.perf_counter()  # the phase's time includes filling its feed (a feature cache)
+    feed = feed_of_phase()
+    _compile(feed.model, optimizer(), cfg)
     backup_dir = run_dir / "checkpoints" / f"backup_{key}"
     repair_backup(backup_dir)
     callbacks = [  # the recorder runs before the backup, so a resumed run never misses a recorded epoch
-        BestCheckpoint(best_path, state.best_val_accuracy()),
+        BestCheckpoint(best_path, state.best_val_accuracy(), classifier),
         EpochRecorder(phase, state),
         keras.callbacks.BackupAndRestore(str(backup_dir), double_checkpoint=True),
-        keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=patience),
+        keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=cfg.train.early_stopping_patience),
         StopOnSignal(),  # last: an epoch's checkpoints are written before it stops
     ]
     print(f"Phase {phase}: epochs {initial_epoch + 1}..{epochs}", flush=True)
-    started = time.perf_counter()
-    model.fit(
-        train_ds,
-        validation_data=val_ds,
+    feed.model.fit(
+        feed.train,
+        validation_data=feed.val,
         initial_epoch=initial_epoch,
         epochs=epochs,
         callbacks=callbacks,

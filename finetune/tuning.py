@@ -11,7 +11,7 @@ import keras_tuner as kt
 import mlflow
 from omegaconf import DictConfig, OmegaConf
 
-from finetune import cost, interrupts, tracking
+from finetune import cost, feature_cache, interrupts, tracking
 from finetune.backbones import BACKBONES, imagenet_alphas
 from finetune.model import build_classifier
 from finetune.export import calibration_images
@@ -76,12 +76,12 @@ class TwoPhaseTuner(kt.Tuner):
         seed_everything(trial_cfg.seed, trial_cfg.deterministic)
         model = self.hypermodel.build(hp)
         trial_dir = Path(self.get_trial_dir(trial.trial_id))
-        train_ds, val_ds, _ = self.data.datasets(trial_cfg)
         with tracking.tracked_run(self.cfg.mlflow, None, {"trial_id": trial.trial_id, "kind": "trial"},
                                   nested=True, run_name=f"{tracking.run_label(trial_cfg)} trial {trial.trial_id}"):
             mlflow.log_params({f"hp.{k}": v for k, v in hp.values.items()})
             mlflow.log_params({key: OmegaConf.select(trial_cfg, key) for key in TRIAL_PARAMS})
-            phases = train_two_phases(model, trial_cfg, train_ds, val_ds, trial_dir, RunState(trial_dir / "state.json"))
+            feeds = self.data.feeds(trial_cfg, model, Path(self.project_dir).parent)  # one cache folder for all trials
+            phases = train_two_phases(model, trial_cfg, feeds, trial_dir, RunState(trial_dir / "state.json"))
             shipped, keras_figure = model_latencies(model, trial_cfg, lambda: calibration_images(trial_cfg, self.data.splits))
             budget = self.cfg.tuner.max_latency_ms
             metrics = {
@@ -137,6 +137,7 @@ def tune_job(cfg: DictConfig, run_dir: Path, tags: dict[str, str] | None = None)
     search_tags = {**(tags or {}), "kind": "search", "run_dir": str(run_dir.resolve())}
     with tracking.job_run(cfg, manifest, search_tags, data.params(), run_name=f"search {tracking.run_label(cfg)}"):
         tuner.search()
+        feature_cache.remove_files(run_dir)
         finished = tuner.oracle.get_best_trials(num_trials=len(tuner.oracle.trials))
         best = best_within_budget(finished, cfg.tuner.max_latency_ms)
         mlflow.log_metrics({"trials": len(finished)})
