@@ -23,6 +23,7 @@ from finetune.bundle import ArtifactReport, artifact_table, export_bundle
 from finetune.config import UsageError, validate_export
 from finetune.dataset import Split, load_images, read_splits
 from finetune.runfolder import MANIFEST_FILE, Manifest
+from finetune.sources import source_of
 
 BUNDLE_DIR = "export"
 
@@ -41,7 +42,7 @@ def export_run(
     headline: the run's own latency protocol and figures (metrics.json `latency_protocol`), for the model card.
     """
     size = cfg.backbone.input_size
-    test_images = load_images(splits["test"].paths, size)
+    test_images = load_images(splits["test"], size)
     representative = calibration_images(cfg, splits)
     run = mlflow.active_run()
     metadata = {
@@ -75,9 +76,9 @@ def export_run(
 def calibration_images(cfg: DictConfig, splits: dict[str, Split]) -> np.ndarray:
     """The training images that calibrate int8: export.representative_images of them (all when fewer), by the seed."""
     rng = np.random.default_rng(cfg.seed)
-    train_paths = splits["train"].paths
-    chosen = rng.choice(len(train_paths), min(cfg.export.representative_images, len(train_paths)), replace=False)
-    return load_images([train_paths[i] for i in sorted(chosen)], cfg.backbone.input_size)
+    train = splits["train"]
+    chosen = rng.choice(len(train.paths), min(cfg.export.representative_images, len(train.paths)), replace=False)
+    return load_images(train.subset(sorted(chosen)), cfg.backbone.input_size)
 
 
 def _log_bundle(bundle_dir: Path, reports: list[ArtifactReport]) -> None:
@@ -120,7 +121,7 @@ def export_saved_run(run_dir: Path, formats: list[str] | None) -> list[ArtifactR
     metrics = json.loads((run_dir / "metrics.json").read_text())
     mlflow_run = Manifest(run_dir).get("mlflow") or {}
     dataset = metrics["dataset"]
-    splits = read_splits(run_dir / "data_splits.csv", Path(dataset["root"]), metrics["classes"])
+    splits = read_splits(run_dir / "data_splits.csv", source_of(dataset), metrics["classes"])
     model = keras.saving.load_model(run_dir / "model.keras", safe_mode=True)
     with tracking.tracked_run(cfg.mlflow, mlflow_run.get("run_id"), {}):
         return export_run(cfg, model, metrics["classes"], splits, dataset, run_dir / BUNDLE_DIR,

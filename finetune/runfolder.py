@@ -126,7 +126,7 @@ class Manifest(JsonRecord):
                      "split_fingerprint": None, "mlflow": None, "stages": {}}
         self.save()
 
-    def check_fingerprint(self, fingerprint: str, data_root: Path) -> None:
+    def check_fingerprint(self, fingerprint: str, data_root: Path | str) -> None:
         """Refuse to resume on other data: which image is in which split must not change under a run."""
         recorded = self.data.get("split_fingerprint")
         if recorded is None:

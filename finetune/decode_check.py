@@ -1,0 +1,170 @@
+"""The decode check of every image, in parallel (tf.data), remembered per file in `data.cache_dir`.
+
+A file's result is kept with its size and modification time (`scan-<root hash>.json`), so the next scan of
+the same folder (a rerun, every job of a sweep) decodes only the files that are new or changed. Images that
+decode on the fast path need no reason; the few that fail are decoded again one by one for the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import tensorflow as tf
+from tqdm import tqdm
+
+from finetune import interrupts
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+DECODE_ERRORS = (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, tf.errors.UnknownError)
+CACHE_FORMAT = f"1, tensorflow {tf.__version__}"  # results of another check (or decoder) are not reused
+MAX_DECODED_VALUES = 1 << 29  # TensorFlow's JPEG decoder refuses images of this many values or more
+CHECK_BATCH = 256
+Stat = tuple[int, int]  # (size in bytes, modification time in ns)
+
+
+def decode_error_reason(error: tf.errors.OpError) -> str:
+    """A decoding failure in one short line, without TensorFlow's op-name prefix."""
+    return " ".join(error.message.split("}}")[-1].split())[:120]
+
+
+def unusable_reason(contents: bytes | tf.Tensor) -> str | None:
+    """Why these encoded bytes cannot be trained on, or None when they decode as an image (as training does)."""
+    try:
+        image = tf.io.decode_image(contents, channels=3, expand_animations=False)
+    except DECODE_ERRORS as error:
+        return "cannot be decoded: " + decode_error_reason(error)
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        return "empty image"
+    return None
+
+
+def file_reason(path: Path) -> str | None:
+    """Why this file cannot be trained on (its type, or its contents), or None."""
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        return f"not an image file type ({path.suffix or 'no extension'})"
+    try:
+        return unusable_reason(tf.io.read_file(str(path)))
+    except DECODE_ERRORS as error:
+        return "cannot be read: " + decode_error_reason(error)
+
+
+def _decoded_shape(contents: tf.Tensor) -> tf.Tensor:
+    """[height, width] of an image after a full decode check of its data.
+
+    A JPEG is decoded at 1/8 scale: libjpeg still reads and checks every coefficient of the file, only the
+    inverse transform is smaller, and its full size comes from the header. Other formats decode fully.
+    """
+    def jpeg() -> tf.Tensor:
+        with tf.control_dependencies([tf.io.decode_jpeg(contents, channels=3, ratio=8)]):
+            return tf.image.extract_jpeg_shape(contents)[:2]
+
+    def other() -> tf.Tensor:
+        return tf.shape(tf.io.decode_image(contents, channels=3, expand_animations=False))[:2]
+
+    return tf.cond(tf.io.is_jpeg(contents), jpeg, other)
+
+
+def decodable(examples: tf.data.Dataset, total: int, description: str) -> Iterator[tuple[int, int]]:
+    """(index, label) of every (index, encoded image, label) element that decodes; the failed ones are left out.
+
+    Decoding runs in parallel in tf.data; a progress bar shows on a terminal (stderr).
+    """
+    def check(index: tf.Tensor, contents: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        return index, label, _decoded_shape(contents)
+
+    checked = (examples.map(check, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+               .ignore_errors().batch(CHECK_BATCH).prefetch(2))
+    with tqdm(total=total, desc=description, unit="img", file=sys.stderr, disable=None, leave=False) as bar:
+        for indices, labels, shapes in checked.as_numpy_iterator():
+            interrupts.check()
+            bar.update(len(indices))
+            values = shapes[:, 0].astype("int64") * shapes[:, 1] * 3
+            for index, label, size in zip(indices.tolist(), labels.tolist(), values.tolist()):
+                if 0 < size < MAX_DECODED_VALUES:
+                    yield index, label
+
+
+def check_files(files: list[Path], cache_file: Path | None) -> dict[Path, str | None]:
+    """Each file's reason to skip it (None: usable); unchanged files' results come from cache_file."""
+    stats = {path: _stat(path) for path in files}
+    known = ScanCache.load(cache_file)
+    reasons = {path: known.reason(path) for path, stat in stats.items() if known.unchanged(path, stat)}
+    fresh = [path for path in files if path not in reasons]
+    reasons.update(_check_fresh(fresh))
+    if cache_file is not None and fresh:
+        ScanCache({str(path): (*stats[path], reasons[path]) for path in files}).save(cache_file)
+    return reasons
+
+
+def _stat(path: Path) -> Stat:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _check_fresh(files: list[Path]) -> dict[Path, str | None]:
+    """Decode-check files: by type first, then the images in parallel, then the reason for each failure."""
+    reasons: dict[Path, str | None] = {path: file_reason(path) for path in files
+                                       if path.suffix.lower() not in IMAGE_EXTENSIONS}
+    images = [path for path in files if path not in reasons]
+    if images:
+        examples = tf.data.Dataset.from_tensor_slices((tf.range(len(images), dtype=tf.int64),
+                                                        [str(path) for path in images]))
+        examples = examples.map(lambda index, path: (index, tf.io.read_file(path), tf.constant(0, tf.int64)))
+        passed = {index for index, _ in decodable(examples, len(images), "Checking images")}
+        for index, path in enumerate(images):
+            reasons[path] = None if index in passed else (file_reason(path) or "cannot be decoded")
+    return reasons
+
+
+class ScanCache:
+    """Decode-check results by file: {path: (size, mtime_ns, reason or None)}; written whole (temp file + rename)."""
+
+    def __init__(self, entries: dict[str, tuple[int, int, str | None]]) -> None:
+        self.entries = entries
+
+    @classmethod
+    def load(cls, cache_file: Path | None) -> ScanCache:
+        """The cache in cache_file; empty when there is none, or it is unreadable or of another check."""
+        if cache_file is None or not cache_file.is_file():
+            return cls({})
+        try:
+            data = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            return cls({})
+        if data.get("format") != CACHE_FORMAT:
+            return cls({})
+        return cls({path: tuple(entry) for path, entry in data["files"].items()})
+
+    def unchanged(self, path: Path, stat: Stat) -> bool:
+        """Whether the cache has a result for path at this size and modification time."""
+        entry = self.entries.get(str(path))
+        return entry is not None and tuple(entry[:2]) == stat
+
+    def reason(self, path: Path) -> str | None:
+        return self.entries[str(path)][2]
+
+    def save(self, cache_file: Path) -> None:
+        """Replace cache_file at once: a reader (another sweep job) sees the old file or the new one."""
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=cache_file.parent, prefix=cache_file.name, suffix=".tmp")
+        try:
+            with os.fdopen(handle, "w") as out:
+                json.dump({"format": CACHE_FORMAT, "files": self.entries}, out)
+            os.replace(temporary, cache_file)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+
+
+def cache_file_for(root: Path, cache_dir: Path | None) -> Path | None:
+    """Where the scan results of the folder root are kept: cache_dir/scan/<hash of root's absolute path>.json."""
+    if cache_dir is None:
+        return None
+    key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+    return cache_dir / "scan" / f"{key}.json"
