@@ -74,12 +74,18 @@ class PreparedData:
 
 
 def prepare_data(cfg: DictConfig) -> PreparedData:
-    """Scan (reporting skipped files) and split the configured data."""
-    folder = scan_data(cfg.data)
-    if folder.skipped:
-        print(f"Skipped {len(folder.skipped)} unusable file(s) (listed in skipped_images.txt):")
-        for path, reason in folder.skipped[:5]:
+    """Scan and split the configured data, and say which files were skipped."""
+    data = scan_and_split(cfg)
+    if data.folder.skipped:
+        print(f"Skipped {len(data.folder.skipped)} unusable file(s) (listed in skipped_images.txt):")
+        for path, reason in data.folder.skipped[:5]:
             print(f"  {path}\t{reason}")
+    return data
+
+
+def scan_and_split(cfg: DictConfig) -> PreparedData:
+    """Scan (decode-check every image) and split the configured data: what a run trains on, `finetune scan` shows."""
+    folder = scan_data(cfg.data)
     splits = split_folder(folder, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
     return PreparedData(folder, splits, dataset_info(cfg.data.name, folder, splits))
 

@@ -65,11 +65,11 @@ class TfdsSource:
 
     def select(self, tfds_split: str, indices: list[int]) -> tf.data.Dataset:
         """(encoded image, label) of the records at these indices of a TFDS split, in record order."""
-        keep = tf.lookup.StaticHashTable(
-            tf.lookup.KeyValueTensorInitializer(tf.constant(indices, tf.int64), tf.ones(len(indices), tf.bool)),
-            default_value=False,
+        keep = tf.lookup.StaticHashTable(  # index -> 1 (int64: the table kernels have no bool values for int64 keys)
+            tf.lookup.KeyValueTensorInitializer(tf.constant(indices, tf.int64), tf.ones(len(indices), tf.int64)),
+            default_value=0,
         )
-        chosen = self.records(tfds_split).filter(lambda index, example: keep.lookup(index))
+        chosen = self.records(tfds_split).filter(lambda index, example: keep.lookup(index) == 1)
         return chosen.map(lambda index, example: (example[self.image_key], tf.cast(example[self.label_key], tf.int64)))
 
     def record_name(self, image_id: str) -> str:
