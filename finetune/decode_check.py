@@ -1,8 +1,8 @@
 """The decode check of every image, in parallel (tf.data), remembered per file in `data.cache_dir`.
 
 A file's result is kept with its size and modification time (`scan-<root hash>.json`), so the next scan of
-the same folder (a rerun, every job of a sweep) decodes only the files that are new or changed. Images that
-decode on the fast path need no reason; the few that fail are decoded again one by one for the reason.
+the same folder (a rerun, every job of a sweep) decodes only the files that are new or changed. Images are
+decoded as training decodes them, many at once; the few that fail are decoded again one by one for the reason.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from finetune import interrupts
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 DECODE_ERRORS = (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, tf.errors.UnknownError)
 CACHE_FORMAT = f"1, tensorflow {tf.__version__}"  # results of another check (or decoder) are not reused
-MAX_DECODED_VALUES = 1 << 29  # TensorFlow's JPEG decoder refuses images of this many values or more
 CHECK_BATCH = 256
 Stat = tuple[int, int]  # (size in bytes, modification time in ns)
 
@@ -55,19 +54,9 @@ def file_reason(path: Path) -> str | None:
 
 
 def _decoded_shape(contents: tf.Tensor) -> tf.Tensor:
-    """[height, width] of an image after a full decode check of its data.
-
-    A JPEG is decoded at 1/8 scale: libjpeg still reads and checks every coefficient of the file, only the
-    inverse transform is smaller, and its full size comes from the header. Other formats decode fully.
-    """
-    def jpeg() -> tf.Tensor:
-        with tf.control_dependencies([tf.io.decode_jpeg(contents, channels=3, ratio=8)]):
-            return tf.image.extract_jpeg_shape(contents)[:2]
-
-    def other() -> tf.Tensor:
-        return tf.shape(tf.io.decode_image(contents, channels=3, expand_animations=False))[:2]
-
-    return tf.cond(tf.io.is_jpeg(contents), jpeg, other)
+    """[height, width] of the image, decoded exactly as training decodes it (a JPEG decoded at reduced scale
+    would pass some files cut short that the full decode refuses)."""
+    return tf.shape(tf.io.decode_image(contents, channels=3, expand_animations=False))[:2]
 
 
 def decodable(examples: tf.data.Dataset, total: int, description: str) -> Iterator[tuple[int, int]]:
@@ -84,9 +73,8 @@ def decodable(examples: tf.data.Dataset, total: int, description: str) -> Iterat
         for indices, labels, shapes in checked.as_numpy_iterator():
             interrupts.check()
             bar.update(len(indices))
-            values = shapes[:, 0].astype("int64") * shapes[:, 1] * 3
-            for index, label, size in zip(indices.tolist(), labels.tolist(), values.tolist()):
-                if 0 < size < MAX_DECODED_VALUES:
+            for index, label, (height, width) in zip(indices.tolist(), labels.tolist(), shapes.tolist()):
+                if height > 0 and width > 0:
                     yield index, label
 
 
