@@ -61,7 +61,7 @@ class TfdsSource:
         selected = parts[0]
         for part in parts[1:]:
             selected = selected.concatenate(part)
-        return selected
+        return selected.apply(tf.data.experimental.assert_cardinality(len(ids)))  # a filter's count is unknown
 
     def select(self, tfds_split: str, indices: list[int]) -> tf.data.Dataset:
         """(encoded image, label) of the records at these indices of a TFDS split, in record order."""

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image
 
 from conftest import COLORS, write_image
-from finetune import decode_check, scan
-from finetune.dataset import scan_folder
+from finetune import decode_check, image_cache, scan
+from finetune.dataset import load_images, make_dataset, scan_folder, split_folder
 
 
 def jpeg_bytes(seed: int, size: tuple[int, int] = (120, 90), progressive: bool = False) -> bytes:
@@ -142,3 +143,34 @@ def test_scan_command_data_errors_are_one_line_and_exit_2(
     assert stopped.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("finetune: error: ") and expected.format(**names) in err and err.count("\n") == 1
+
+
+def test_auto_keeps_decoded_images_in_memory_only_while_they_fit_the_budget(tmp_path: Path) -> None:
+    one_image = image_cache.decoded_bytes(1, 32)
+    assert one_image == 32 * 32 * 3
+    assert image_cache.choose("auto", tmp_path, 100 * one_image / 1e9, 100, 32) == image_cache.ImageCache("memory")
+    assert image_cache.choose("auto", tmp_path, 99 * one_image / 1e9, 100, 32) == image_cache.ImageCache("disk", tmp_path)
+    assert image_cache.choose("none", tmp_path, 1.0, 100, 32).mode == "none"
+    # off memory, a shuffle holds a bounded number of images however many there are
+    assert image_cache.ImageCache("disk", tmp_path).shuffle_buffer(10**6, 224) == 256 * 2**20 // (224 * 224 * 3)
+    assert image_cache.ImageCache("memory").shuffle_buffer(10**6, 224) == 10**6
+
+
+@pytest.mark.parametrize("mode", ["disk", "none"])
+def test_a_disk_cache_serves_later_passes_from_data_cache_dir(mode: str, tmp_path: Path) -> None:
+    root = image_tree(tmp_path / "images")
+    split = split_folder(scan_folder(root, tmp_path / "cache"), 0.2, 0.2, seed=0)["train"]
+    expected = load_images(split, 24).astype(np.float32)
+    dataset = make_dataset(split, 2, 24, batch_size=4, cache=image_cache.ImageCache(mode, tmp_path / "cache"))
+    first = np.concatenate([images for images, _ in dataset.as_numpy_iterator()])
+    np.testing.assert_array_equal(first, expected)
+    for path in split.paths:  # the images are gone: only the cache can still give them
+        Path(path).unlink()
+    if mode == "none":
+        with pytest.raises(tf.errors.NotFoundError):
+            list(dataset.as_numpy_iterator())
+        return
+    again = np.concatenate([images for images, _ in dataset.as_numpy_iterator()])
+    np.testing.assert_array_equal(again, expected)
+    assert list((tmp_path / "cache" / "decoded").iterdir())  # the snapshot, beside the scan results
+    assert all(path.suffix == ".png" or path.name == "broken.jpg" for path in root.rglob("*") if path.is_file())

@@ -113,6 +113,7 @@ def test_every_consumer_reads_a_tfds_dataset(mock_beans: Path, tmp_path: Path) -
     train, val, test = data.datasets(cfg)
     images, labels = next(iter(train))
     assert images.shape == (8, 32, 32, 3) and labels.shape == (8, 3)
+    assert int(train.cardinality()) == 4  # 28 images in batches of 8: training counts its steps from this
     assert sum(len(batch) for batch, _ in test) == 29
     assert calibration_images(cfg, data.splits).shape == (5, 32, 32, 3)
     _write_splits(data.splits, data.folder, tmp_path / "data_splits.csv")
