@@ -15,7 +15,7 @@ import tensorflow as tf
 from sklearn.model_selection import train_test_split
 
 from finetune.config import UsageError
-from finetune.decode_check import IMAGE_EXTENSIONS, cache_file_for, check_files
+from finetune.decode_check import IMAGE_EXTENSIONS, cache_file_for, check_files, file_stats, stats_version
 from finetune.image_cache import ImageCache
 
 SPLITS = ("train", "val", "test")
@@ -106,9 +106,9 @@ def scan_folder(root: str | Path, cache_dir: str | Path | None = None) -> ImageF
     if len(class_dirs) < 2:
         raise UsageError(f"{root} has {len(class_dirs)} class folder(s); at least 2 are needed (one subfolder per class)")
     files = {class_dir: class_files(class_dir) for class_dir in class_dirs}
-    cache_file = cache_file_for(root, Path(cache_dir).expanduser() if cache_dir else None)
-    reasons = check_files([path for paths in files.values() for path in paths], cache_file)
-    folder = ImageFolder(FileSource(root, _files_version(files)), [d.name for d in class_dirs], [], [])
+    stats = file_stats([path for paths in files.values() for path in paths])
+    reasons = check_files(stats, cache_file_for(root, Path(cache_dir).expanduser() if cache_dir else None))
+    folder = ImageFolder(FileSource(root, stats_version(stats)), [d.name for d in class_dirs], [], [])
     for label, class_dir in enumerate(class_dirs):
         usable = [path for path in files[class_dir] if reasons[path] is None]
         if not usable:
@@ -125,16 +125,6 @@ def class_files(class_dir: Path) -> list[Path]:
     for folder, _, names in os.walk(class_dir):
         found.extend(Path(folder, name) for name in names if not name.startswith("."))
     return sorted(path for path in found if path.is_file())
-
-
-def _files_version(files: dict[Path, list[Path]]) -> str:
-    """A hash of every file's path, size and modification time."""
-    digest = hashlib.sha256()
-    for paths in files.values():
-        for path in paths:
-            stat = path.stat()
-            digest.update(f"{path}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:16]
 
 
 def split_folder(folder: ImageFolder, val_fraction: float, test_fraction: float, seed: int) -> dict[str, Split]:

@@ -78,21 +78,28 @@ def decodable(examples: tf.data.Dataset, total: int, description: str) -> Iterat
                     yield index, label
 
 
-def check_files(files: list[Path], cache_file: Path | None) -> dict[Path, str | None]:
+def file_stats(files: list[Path]) -> dict[Path, Stat]:
+    """(size, modification time) of each file."""
+    return {path: (stat.st_size, stat.st_mtime_ns) for path in files for stat in (path.stat(),)}
+
+
+def stats_version(stats: dict[Path, Stat]) -> str:
+    """A short hash of every file's path, size and modification time: changes when any file may have changed."""
+    digest = hashlib.sha256()
+    for path, (size, mtime_ns) in stats.items():
+        digest.update(f"{path}\t{size}\t{mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def check_files(stats: dict[Path, Stat], cache_file: Path | None) -> dict[Path, str | None]:
     """Each file's reason to skip it (None: usable); unchanged files' results come from cache_file."""
-    stats = {path: _stat(path) for path in files}
     known = ScanCache.load(cache_file)
     reasons = {path: known.reason(path) for path, stat in stats.items() if known.unchanged(path, stat)}
-    fresh = [path for path in files if path not in reasons]
+    fresh = [path for path in stats if path not in reasons]
     reasons.update(_check_fresh(fresh))
     if cache_file is not None and fresh:
-        ScanCache({str(path): (*stats[path], reasons[path]) for path in files}).save(cache_file)
+        ScanCache({str(path): (*stat, reasons[path]) for path, stat in stats.items()}).save(cache_file)
     return reasons
-
-
-def _stat(path: Path) -> Stat:
-    stat = path.stat()
-    return stat.st_size, stat.st_mtime_ns
 
 
 def _check_fresh(files: list[Path]) -> dict[Path, str | None]:

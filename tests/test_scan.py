@@ -49,7 +49,7 @@ def damaged_files(folder: Path) -> list[Path]:
 
 def test_the_parallel_check_gives_each_file_the_verdict_of_decoding_it_alone(tmp_path: Path) -> None:
     files = damaged_files(tmp_path / "files")
-    checked = decode_check.check_files(files, cache_file=None)
+    checked = decode_check.check_files(decode_check.file_stats(files), cache_file=None)
     alone = {path: decode_check.file_reason(path) for path in files}
     assert {p.name: r is None for p, r in checked.items()} == {p.name: r is None for p, r in alone.items()}
     assert checked == alone  # the same reasons, word for word
