@@ -65,7 +65,7 @@ def serial_scan_seconds(root: Path, sample: int) -> tuple[float, int]:
         files = files[:: max(1, len(files) // sample)]
     start = time.perf_counter()
     for path in files:
-        file_reason(path)
+        file_reason(Path(path))
     return time.perf_counter() - start, len(files)
 
 

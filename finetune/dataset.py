@@ -113,18 +113,26 @@ def scan_folder(root: str | Path, cache_dir: str | Path | None = None) -> ImageF
         usable = [path for path in files[class_dir] if reasons[path] is None]
         if not usable:
             raise UsageError(f"class folder {class_dir} has no usable image ({', '.join(IMAGE_EXTENSIONS)})")
-        folder.paths.extend(str(path) for path in usable)
+        folder.paths.extend(usable)
         folder.labels.extend([label] * len(usable))
-        folder.skipped.extend((str(path), reasons[path]) for path in files[class_dir] if reasons[path] is not None)
+        folder.skipped.extend((path, reasons[path]) for path in files[class_dir] if reasons[path] is not None)
     return folder
 
 
-def class_files(class_dir: Path) -> list[Path]:
-    """Every file under a class folder (subfolders too), hidden files left out, sorted."""
+def class_files(folder: Path | str) -> list[str]:
+    """Every file under a class folder (subfolders too), hidden files left out, in path order.
+
+    Walked folder by folder with each folder's entries sorted by name: the order of sorting the paths.
+    """
+    with os.scandir(folder) as scan:
+        entries = sorted(scan, key=lambda entry: entry.name)
     found = []
-    for folder, _, names in os.walk(class_dir):
-        found.extend(Path(folder, name) for name in names if not name.startswith("."))
-    return sorted(path for path in found if path.is_file())
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            found.extend(class_files(entry.path))
+        elif not entry.name.startswith(".") and entry.is_file():
+            found.append(entry.path)
+    return found
 
 
 def split_folder(folder: ImageFolder, val_fraction: float, test_fraction: float, seed: int) -> dict[str, Split]:

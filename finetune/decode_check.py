@@ -78,12 +78,12 @@ def decodable(examples: tf.data.Dataset, total: int, description: str) -> Iterat
                     yield index, label
 
 
-def file_stats(files: list[Path]) -> dict[Path, Stat]:
-    """(size, modification time) of each file."""
-    return {path: (stat.st_size, stat.st_mtime_ns) for path in files for stat in (path.stat(),)}
+def file_stats(files: list[str]) -> dict[str, Stat]:
+    """(size, modification time) of each file (paths as text: a 100,000-file scan is mostly this bookkeeping)."""
+    return {path: (stat.st_size, stat.st_mtime_ns) for path in files for stat in (os.stat(path),)}
 
 
-def stats_version(stats: dict[Path, Stat]) -> str:
+def stats_version(stats: dict[str, Stat]) -> str:
     """A short hash of every file's path, size and modification time: changes when any file may have changed."""
     digest = hashlib.sha256()
     for path, (size, mtime_ns) in stats.items():
@@ -91,36 +91,35 @@ def stats_version(stats: dict[Path, Stat]) -> str:
     return digest.hexdigest()[:16]
 
 
-def check_files(stats: dict[Path, Stat], cache_file: Path | None) -> dict[Path, str | None]:
+def check_files(stats: dict[str, Stat], cache_file: Path | None) -> dict[str, str | None]:
     """Each file's reason to skip it (None: usable); unchanged files' results come from cache_file."""
     known = ScanCache.load(cache_file)
     reasons = {path: known.reason(path) for path, stat in stats.items() if known.unchanged(path, stat)}
     fresh = [path for path in stats if path not in reasons]
     reasons.update(_check_fresh(fresh))
     if cache_file is not None and fresh:
-        ScanCache({str(path): (*stat, reasons[path]) for path, stat in stats.items()}).save(cache_file)
+        ScanCache({path: [*stat, reasons[path]] for path, stat in stats.items()}).save(cache_file)
     return reasons
 
 
-def _check_fresh(files: list[Path]) -> dict[Path, str | None]:
+def _check_fresh(files: list[str]) -> dict[str, str | None]:
     """Decode-check files: by type first, then the images in parallel, then the reason for each failure."""
-    reasons: dict[Path, str | None] = {path: file_reason(path) for path in files
-                                       if path.suffix.lower() not in IMAGE_EXTENSIONS}
+    reasons = {path: file_reason(Path(path)) for path in files
+               if os.path.splitext(path)[1].lower() not in IMAGE_EXTENSIONS}
     images = [path for path in files if path not in reasons]
     if images:
-        examples = tf.data.Dataset.from_tensor_slices((tf.range(len(images), dtype=tf.int64),
-                                                        [str(path) for path in images]))
+        examples = tf.data.Dataset.from_tensor_slices((tf.range(len(images), dtype=tf.int64), images))
         examples = examples.map(lambda index, path: (index, tf.io.read_file(path), tf.constant(0, tf.int64)))
         passed = {index for index, _ in decodable(examples, len(images), "Checking images")}
         for index, path in enumerate(images):
-            reasons[path] = None if index in passed else (file_reason(path) or "cannot be decoded")
+            reasons[path] = None if index in passed else (file_reason(Path(path)) or "cannot be decoded")
     return reasons
 
 
 class ScanCache:
-    """Decode-check results by file: {path: (size, mtime_ns, reason or None)}; written whole (temp file + rename)."""
+    """Decode-check results by file: {path: [size, mtime_ns, reason or None]}; written whole (temp file + rename)."""
 
-    def __init__(self, entries: dict[str, tuple[int, int, str | None]]) -> None:
+    def __init__(self, entries: dict[str, list]) -> None:
         self.entries = entries
 
     @classmethod
@@ -134,15 +133,15 @@ class ScanCache:
             return cls({})
         if data.get("format") != CACHE_FORMAT:
             return cls({})
-        return cls({path: tuple(entry) for path, entry in data["files"].items()})
+        return cls(data["files"])
 
-    def unchanged(self, path: Path, stat: Stat) -> bool:
+    def unchanged(self, path: str, stat: Stat) -> bool:
         """Whether the cache has a result for path at this size and modification time."""
-        entry = self.entries.get(str(path))
-        return entry is not None and tuple(entry[:2]) == stat
+        entry = self.entries.get(path)
+        return entry is not None and entry[0] == stat[0] and entry[1] == stat[1]
 
-    def reason(self, path: Path) -> str | None:
-        return self.entries[str(path)][2]
+    def reason(self, path: str) -> str | None:
+        return self.entries[path][2]
 
     def save(self, cache_file: Path) -> None:
         """Replace cache_file at once: a reader (another sweep job) sees the old file or the new one."""

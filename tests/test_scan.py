@@ -49,11 +49,11 @@ def damaged_files(folder: Path) -> list[Path]:
 
 def test_the_parallel_check_gives_each_file_the_verdict_of_decoding_it_alone(tmp_path: Path) -> None:
     files = damaged_files(tmp_path / "files")
-    checked = decode_check.check_files(decode_check.file_stats(files), cache_file=None)
-    alone = {path: decode_check.file_reason(path) for path in files}
-    assert {p.name: r is None for p, r in checked.items()} == {p.name: r is None for p, r in alone.items()}
+    checked = decode_check.check_files(decode_check.file_stats([str(path) for path in files]), cache_file=None)
+    alone = {str(path): decode_check.file_reason(path) for path in files}
+    assert {Path(p).name: r is None for p, r in checked.items()} == {Path(p).name: r is None for p, r in alone.items()}
     assert checked == alone  # the same reasons, word for word
-    assert checked[tmp_path / "files" / "whole.jpg"] is None and checked[tmp_path / "files" / "whole.png"] is None
+    assert checked[str(tmp_path / "files" / "whole.jpg")] is None and checked[str(tmp_path / "files" / "whole.png")] is None
     assert sum(reason is not None for reason in checked.values()) >= 10  # the damage is seen, not waved through
 
 
@@ -72,8 +72,8 @@ def checked_files(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     calls: list[list[str]] = []
     original = decode_check._check_fresh
 
-    def spy(files: list[Path]) -> dict[Path, str | None]:
-        calls.append(sorted(path.name for path in files))
+    def spy(files: list[str]) -> dict[str, str | None]:
+        calls.append(sorted(Path(path).name for path in files))
         return original(files)
 
     monkeypatch.setattr(decode_check, "_check_fresh", spy)
