@@ -125,15 +125,8 @@ class ScanCache:
     @classmethod
     def load(cls, cache_file: Path | None) -> ScanCache:
         """The cache in cache_file; empty when there is none, or it is unreadable or of another check."""
-        if cache_file is None or not cache_file.is_file():
-            return cls({})
-        try:
-            data = json.loads(cache_file.read_text())
-        except (OSError, ValueError):
-            return cls({})
-        if data.get("format") != CACHE_FORMAT:
-            return cls({})
-        return cls(data["files"])
+        data = read_json(cache_file)
+        return cls(data["files"] if data.get("format") == CACHE_FORMAT else {})
 
     def unchanged(self, path: str, stat: Stat) -> bool:
         """Whether the cache has a result for path at this size and modification time."""
@@ -144,21 +137,36 @@ class ScanCache:
         return self.entries[path][2]
 
     def save(self, cache_file: Path) -> None:
-        """Replace cache_file at once: a reader (another sweep job) sees the old file or the new one."""
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=cache_file.parent, prefix=cache_file.name, suffix=".tmp")
-        try:
-            with os.fdopen(handle, "w") as out:
-                json.dump({"format": CACHE_FORMAT, "files": self.entries}, out)
-            os.replace(temporary, cache_file)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        write_json_atomically(cache_file, {"format": CACHE_FORMAT, "files": self.entries})
 
 
-def cache_file_for(root: Path, cache_dir: Path | None) -> Path | None:
-    """Where the scan results of the folder root are kept: cache_dir/scan/<hash of root's absolute path>.json."""
+def write_json_atomically(path: Path, data: dict) -> None:
+    """Replace path at once (a temporary file beside it, then a rename): a reader, another sweep job, sees the
+    old file or the new one, and two writers each write a whole file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as out:
+            json.dump(data, out)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path | None) -> dict:
+    """A JSON file's contents; {} when there is none or it cannot be read."""
+    if path is None or not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def cache_file_for(location: Path | str, cache_dir: Path | None) -> Path | None:
+    """Where the scan results of a folder (or TFDS dataset) are kept: cache_dir/scan/<hash of where it is>.json."""
     if cache_dir is None:
         return None
-    key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
-    return cache_dir / "scan" / f"{key}.json"
+    where = str(location.resolve()) if isinstance(location, Path) else location
+    return cache_dir / "scan" / f"{hashlib.sha256(where.encode()).hexdigest()[:16]}.json"

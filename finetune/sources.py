@@ -17,7 +17,7 @@ def scan_data(data_cfg: Any) -> Any:
     if "dataset" in data_cfg:
         from finetune.tfds_source import scan_tfds
 
-        return scan_tfds(data_cfg.dataset, data_cfg.tfds_dir)
+        return scan_tfds(data_cfg.dataset, data_cfg.tfds_dir, data_cfg.cache_dir)
     from finetune.dataset import scan_folder
 
     return scan_folder(data_root(data_cfg), data_cfg.cache_dir)

@@ -16,7 +16,16 @@ import tensorflow as tf
 
 from finetune.config import UsageError
 from finetune.dataset import ImageFolder
-from finetune.decode_check import decodable, unusable_reason
+from finetune.decode_check import (
+    CACHE_FORMAT,
+    cache_file_for,
+    decodable,
+    file_stats,
+    read_json,
+    stats_version,
+    unusable_reason,
+    write_json_atomically,
+)
 from finetune.sources import download_failure, network_errors
 
 ROLES = {"train": ("train",), "val": ("validation", "valid", "val"), "test": ("test",)}  # TFDS split names per split
@@ -79,18 +88,38 @@ class TfdsSource:
         return record_name
 
 
-def scan_tfds(name: str, data_dir: str | Path) -> ImageFolder:
-    """Prepare (download once) a TFDS dataset and decode-check every image of the splits a run uses."""
+def scan_tfds(name: str, data_dir: str | Path, cache_dir: str | Path | None = None) -> ImageFolder:
+    """Prepare (download once) a TFDS dataset and decode-check every image of the splits a run uses.
+
+    With cache_dir, the result is kept there with the sizes and times of the dataset's record files, and
+    reused while they are unchanged.
+    """
     builder = prepared_builder(name, str(Path(data_dir).expanduser()))
     image_key, label_key = image_features(name, builder.info.features, builder.info.supervised_keys)
     source = TfdsSource(name, str(Path(data_dir).expanduser()), image_key, label_key, str(builder.info.version))
+    cache_file = cache_file_for(source.location, Path(cache_dir).expanduser() if cache_dir else None)
+    records_version = _records_version(Path(builder.data_dir))
+    cached = read_json(cache_file)
+    if records_version and cached.get("format") == CACHE_FORMAT and cached.get("records") == records_version:
+        scanned = cached["folder"]
+        return ImageFolder(source, scanned["class_names"], scanned["paths"], scanned["labels"],
+                           [tuple(entry) for entry in scanned["skipped"]], scanned["given"])
     folder = ImageFolder(source, list(builder.info.features[label_key].names), [], [])
     for role, tfds_split in split_roles(name, list(builder.info.splits)).items():
         first = len(folder.paths)
         _scan_split(source, tfds_split, folder)
         if role != "train":
             folder.given[role] = list(range(first, len(folder.paths)))
+    if cache_file is not None and records_version:
+        scanned = {key: getattr(folder, key) for key in ("class_names", "paths", "labels", "skipped", "given")}
+        write_json_atomically(cache_file, {"format": CACHE_FORMAT, "records": records_version, "folder": scanned})
     return folder
+
+
+def _records_version(prepared_dir: Path) -> str:
+    """A hash of the paths, sizes and times of a prepared dataset's files ("" when it has none, e.g. mock data)."""
+    files = sorted(str(path) for path in prepared_dir.glob("*") if path.is_file()) if prepared_dir.is_dir() else []
+    return stats_version(file_stats(files)) if files else ""
 
 
 def _scan_split(source: TfdsSource, tfds_split: str, folder: ImageFolder) -> None:

@@ -4,6 +4,7 @@ real download and preparation of a miniature `beans` served from 127.0.0.1)."""
 from __future__ import annotations
 
 import hashlib
+import os
 import io
 import zipfile
 from collections.abc import Iterator
@@ -199,3 +200,19 @@ def test_offline_without_a_prepared_dataset_is_one_line(tmp_path: Path, monkeypa
     with pytest.raises(UsageError, match=r"^beans could not be downloaded \(ConnectionRefusedError: .*\); offline, set "
                                          r"data.tfds_dir to a folder where it is already prepared$"):
         scan_tfds("beans", tmp_path / "tfds")
+
+
+def test_a_second_scan_of_unchanged_records_comes_from_the_cache(prepared_beans: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from finetune import tfds_source
+
+    first = scan_tfds("beans", prepared_beans, tmp_path / "cache")
+    scanned: list[str] = []
+    original = tfds_source._scan_split
+    monkeypatch.setattr(tfds_source, "_scan_split", lambda source, split, folder: (scanned.append(split),
+                                                                                   original(source, split, folder)))
+    again = scan_tfds("beans", prepared_beans, tmp_path / "cache")
+    assert scanned == [] and again == first
+    record = next((prepared_beans / "beans").rglob("beans-test.tfrecord*"))
+    os.utime(record, ns=(1, 1))  # a record file changed: everything is checked again
+    assert scan_tfds("beans", prepared_beans, tmp_path / "cache") == first and scanned == ["train", "validation", "test"]
