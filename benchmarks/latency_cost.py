@@ -23,7 +23,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from finetune import bundle, cost, shipped
-from finetune.dataset import load_images, scan_folder
+from finetune.dataset import Split, load_images, scan_folder
 from finetune.model import build_classifier
 
 SHARED_FLOWERS = Path(__file__).resolve().parents[2] / "shared" / "data" / "flower_photos"
@@ -59,8 +59,9 @@ def main() -> None:
     shipped.write_saved_model = timed(seconds, "SavedModel", bundle.write_saved_model)
     shipped.convert_tflite = timed(seconds, "conversion", bundle.convert_tflite)
     shipped.measure_tflite_latency = timed(seconds, "timing", cost.measure_tflite_latency)
-    paths = scan_folder(SHARED_FLOWERS).paths[:args.calibration]
-    calibration = timed(seconds, "calibration images", lambda: load_images(paths, args.size))
+    flowers = scan_folder(SHARED_FLOWERS)
+    images = Split(flowers.paths[:args.calibration], flowers.labels[:args.calibration], flowers.source)
+    calibration = timed(seconds, "calibration images", lambda: load_images(images, args.size))
     for _ in range(args.repeats):
         seconds.clear()
         start = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Command line: `finetune key=value ...` (Hydra overrides) and `finetune summary|export|predict|report ...`.
+"""Command line: `finetune key=value ...` (Hydra overrides) and `finetune summary|scan|export|predict|report ...`.
 
 Config errors and refused run folders exit 2 with one line, before anything is written.
 """
@@ -23,6 +23,7 @@ from finetune.config import CONF_DIR, UsageError, compose, validate
 
 SUBCOMMANDS = {
     "summary": "finetune.summary",
+    "scan": "finetune.scan",
     "export": "finetune.export",
     "predict": "finetune.predict",
     "report": "finetune.report",

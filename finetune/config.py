@@ -201,7 +201,7 @@ def _check_imagenet(spec: BackboneSpec, bb: DictConfig) -> None:
 
 
 def _check_data(data: DictConfig) -> None:
-    if data.path is not None and not Path(data.path).expanduser().is_dir():
+    if data.get("path") is not None and not Path(data.path).expanduser().is_dir():
         raise UsageError(f"data.path={data.path} is not a folder; give a folder with one subfolder per class")
     if data.val_fraction + data.test_fraction >= 1:
         raise UsageError(

@@ -26,6 +26,7 @@ from finetune.config import CONF_DIR, UsageError, validate_export
 from finetune.dataset import Split, load_images, read_splits
 from finetune.quantization import Int8Data, summary
 from finetune.runfolder import MANIFEST_FILE, Manifest
+from finetune.sources import source_of
 
 BUNDLE_DIR = "export"
 
@@ -44,7 +45,7 @@ def export_run(
     headline: the run's own latency protocol and figures (metrics.json `latency_protocol`), for the model card.
     """
     size = cfg.backbone.input_size
-    test_images = load_images(splits["test"].paths, size)
+    test_images = load_images(splits["test"], size)
     run = mlflow.active_run()
     metadata = {
         "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
@@ -80,16 +81,16 @@ def export_run(
 def int8_data(cfg: DictConfig, splits: dict[str, Split]) -> Int8Data:
     """The validation split that chooses the int8 recipe, and the training images that calibrate it."""
     val = splits["val"]
-    return Int8Data(load_images(val.paths, cfg.backbone.input_size), np.asarray(val.labels),
+    return Int8Data(load_images(val, cfg.backbone.input_size), np.asarray(val.labels),
                     partial(calibration_images, cfg, splits), len(splits["train"].paths))
 
 
 def calibration_images(cfg: DictConfig, splits: dict[str, Split], count: int | None = None) -> np.ndarray:
     """The first `count` training images (default export.representative_images; all when fewer) in an order fixed by the seed."""
-    train_paths = splits["train"].paths
-    order = np.random.default_rng(cfg.seed).permutation(len(train_paths))
+    train = splits["train"]
+    order = np.random.default_rng(cfg.seed).permutation(len(train.paths))
     chosen = order[:cfg.export.representative_images if count is None else count]
-    return load_images([train_paths[i] for i in sorted(chosen)], cfg.backbone.input_size)
+    return load_images(train.subset(sorted(chosen)), cfg.backbone.input_size)
 
 
 def _log_bundle(bundle_dir: Path, reports: list[ArtifactReport]) -> None:
@@ -138,7 +139,7 @@ def export_saved_run(run_dir: Path, formats: list[str] | None) -> list[ArtifactR
     metrics = json.loads((run_dir / "metrics.json").read_text())
     mlflow_run = Manifest(run_dir).get("mlflow") or {}
     dataset = metrics["dataset"]
-    splits = read_splits(run_dir / "data_splits.csv", Path(dataset["root"]), metrics["classes"])
+    splits = read_splits(run_dir / "data_splits.csv", source_of(dataset), metrics["classes"])
     model = keras.saving.load_model(run_dir / "model.keras", safe_mode=True)
     with tracking.tracked_run(cfg.mlflow, mlflow_run.get("run_id"), {}):
         return export_run(cfg, model, metrics["classes"], splits, dataset, run_dir / BUNDLE_DIR,

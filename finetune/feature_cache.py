@@ -9,7 +9,8 @@ pass over the N training images, each drawing one of its views. BatchNorm runs i
 throughout, as in the uncached path.
 
 Caches are .npy files in a folder of the run, each written whole or not at all (a rerun after kill -9
-reuses what is there), read into memory while every cache of the process fits in `memory_budget_gb`
+reuses what is there), read into memory while every cache of the process fits in what `memory_budget_gb` leaves
+beside the decoded images held in memory
 (else memory-mapped from disk), and kept in the process for later trials of a search. A cache's key is
 everything upstream of its tensors (backbone settings and weights, input size, split, augmentation and
 seed, views, the phase-2 cut), so trials that share all of it share one cache.
@@ -36,12 +37,12 @@ from omegaconf import DictConfig, OmegaConf
 from finetune import interrupts
 from finetune.backbones import BACKBONES
 from finetune.dataset import Split, make_augmenter, make_dataset
+from finetune.image_cache import ImageCache
 from finetune.model import POOL_LAYER, block_map, model_backbone, top_blocks
 from finetune.trainer import Feed, Feeds, ImageFeeds
 
 CACHE_DIR = "feature_cache"  # in the run folder (a search's: shared by its trials)
 POOLED, BOUNDARY = "pooled", "boundary"  # the cached tensors: the head's input, the phase-2 top's input
-GB = 1e9
 GEOMETRIC = ("flip", "rotation", "zoom")  # the augmentations a view can hold (MixUp trains uncached)
 
 
@@ -160,8 +161,9 @@ class CachedFeeds:
     """Feeds of both phases from cached tensors; phase 2 falls back to images when the backbone has no cut."""
 
     def __init__(self, model: keras.Model, cfg: DictConfig, images: ImageFeeds, splits: dict[str, Split],
-                 num_classes: int, fingerprint: str, folder: Path) -> None:
+                 num_classes: int, fingerprint: str, folder: Path, decoded: ImageCache, budget_bytes: float) -> None:
         self.cfg, self.images, self.splits, self.num_classes = cfg, images, splits, num_classes
+        self.decoded, self.budget_bytes = decoded, budget_bytes
         self.steps_per_epoch = images.steps_per_epoch
         self.augmented = any(cfg.data.augment[name] for name in GEOMETRIC)
         self.views = cfg.train.feature_views if self.augmented else 1  # unaugmented views would all be alike
@@ -192,7 +194,7 @@ class CachedFeeds:
         if self._tensors is None:
             started = time.perf_counter()
             self._tensors, reused = self._find_or_fill()
-            _remember(self.key, self._tensors, self._budget_bytes())
+            _remember(self.key, self._tensors, self.budget_bytes)
             self._report(reused, time.perf_counter() - started)
         return self._tensors
 
@@ -203,9 +205,6 @@ class CachedFeeds:
         written = self._views_written()
         self._fill()
         return self._load(), {0: "no", self.views: "from files"}.get(written, f"{written} of {self.views} views")
-
-    def _budget_bytes(self) -> float:
-        return self.cfg.memory_budget_gb * GB
 
     def _paths(self, view: int | None) -> dict[str, Path]:
         """The files of one training view (or of the validation images, view None), by tensor name."""
@@ -219,8 +218,8 @@ class CachedFeeds:
         """Compute and write the files that are not there yet, one view at a time."""
         self.folder.mkdir(parents=True, exist_ok=True)
         size, batch = self.cfg.backbone.input_size, self.cfg.data.batch_size
-        train = make_dataset(self.splits["train"], self.num_classes, size, batch)  # decoded once, in order
-        jobs = [(None, make_dataset(self.splits["val"], self.num_classes, size, batch))]
+        train = make_dataset(self.splits["train"], self.num_classes, size, batch, cache=self.decoded)  # in order
+        jobs = [(None, make_dataset(self.splits["val"], self.num_classes, size, batch, cache=self.decoded))]
         for view in range(self.views):
             augment = make_augmenter(self.cfg.data.augment, view_seed(self.cfg.seed, view))
             jobs.append((view, train if augment is None else train.map(augment, num_parallel_calls=tf.data.AUTOTUNE)))
@@ -234,7 +233,7 @@ class CachedFeeds:
         """The files, in memory when they fit in the memory budget beside the process's other caches."""
         sizes = [p.stat().st_size for view in [None, *range(self.views)] for p in self._paths(view).values()]
         others = sum(t.memory_bytes for key, t in _IN_PROCESS.items() if key != self.key)
-        in_memory = sum(sizes) <= self._budget_bytes() - others
+        in_memory = sum(sizes) <= self.budget_bytes - others
         read = (lambda path: np.load(path)) if in_memory else (lambda path: np.load(path, mmap_mode="r"))
         return CachedTensors(
             train={name: [read(self._paths(view)[name]) for view in range(self.views)] for name in self.cut.names},
@@ -247,11 +246,12 @@ class CachedFeeds:
         return cached_batches(arrays, labels, self.cfg.data.batch_size, self.cfg.seed if shuffle else None)
 
     def _report(self, reused: str, seconds: float) -> None:
-        storage, budget = self._tensors.storage, self.cfg.memory_budget_gb
+        storage = self._tensors.storage
+        budget = f"{self.budget_bytes / 1e9:.2f} GB of memory_budget_gb={self.cfg.memory_budget_gb}"
         self.record.update(feature_cache_storage=storage,
                            feature_cache_mb=round(sum(a.nbytes for a in self._tensors.arrays()) / 1e6, 1))
-        where = (f"in memory (memory_budget_gb={budget})" if storage == "memory" else
-                 f"read from disk ({self.folder}): more than memory_budget_gb={budget} with the process's other caches")
+        where = (f"in memory (within {budget})" if storage == "memory" else
+                 f"read from disk ({self.folder}): more than {budget} with the process's other caches")
         cut = f"phase 2 from the input of {self.cut.boundary}" if self.cut.boundary else "no phase-2 cache"
         print(f"Feature cache: {self.views} view(s) of {len(self.splits['train'].labels)} training images and the "
               f"{len(self.splits['val'].labels)} validation images, {cut}; {self.record['feature_cache_mb']} MB "
@@ -303,8 +303,10 @@ def cached_batches(arrays: list[np.ndarray], labels: np.ndarray, batch_size: int
 
 
 def feeds_for(cfg: DictConfig, model: keras.Model, images: ImageFeeds, splits: dict[str, Split], num_classes: int,
-              fingerprint: str, folder: Path) -> Feeds:
-    """The phases' feeds: images (train.feature_cache=false, or MixUp on), else cached tensors in `folder`."""
+              fingerprint: str, folder: Path, decoded: ImageCache, budget_bytes: float) -> Feeds:
+    """The phases' feeds: images (train.feature_cache=false, or MixUp on), else cached tensors in `folder`.
+
+    decoded: where the fill pass keeps the decoded images; budget_bytes: what the caches may hold in memory."""
     if not cfg.train.feature_cache:
         return images
     if cfg.data.augment.mixup:
@@ -312,7 +314,7 @@ def feeds_for(cfg: DictConfig, model: keras.Model, images: ImageFeeds, splits: d
               "is not the same); training on images.", flush=True)
         mlflow.set_tags({"feature_cache_storage": "off (mixup)", "feature_cache_reused": "no"})
         return images
-    return CachedFeeds(model, cfg, images, splits, num_classes, fingerprint, folder)
+    return CachedFeeds(model, cfg, images, splits, num_classes, fingerprint, folder, decoded, budget_bytes)
 
 
 def remove_files(folder: Path) -> None:

@@ -54,7 +54,8 @@ def predict_files(bundle: Path, fmt: str, files: list[Path], top_k: int) -> list
     import tensorflow as tf
 
     from finetune.artifacts import load_predictor
-    from finetune.dataset import DECODE_ERRORS, decode_error_reason, load_image
+    from finetune.dataset import load_image
+    from finetune.decode_check import DECODE_ERRORS, decode_error_reason
 
     labels = (bundle / "labels.txt").read_text().splitlines()
     size = json.loads((bundle / "metadata.json").read_text())["input_size"]

@@ -15,7 +15,7 @@ import mlflow
 import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
-from finetune import cost, feature_cache, interrupts, tracking
+from finetune import cost, feature_cache, image_cache, interrupts, tracking
 from finetune.backbones import BACKBONES
 from finetune.dataset import (
     SPLITS,
@@ -24,14 +24,13 @@ from finetune.dataset import (
     load_images,
     make_augmenter,
     make_dataset,
-    scan_folder,
     split_fingerprint,
     split_folder,
 )
 from finetune.export import BUNDLE_DIR, calibration_images, export_run
 from finetune.evaluate import evaluate, save_confusion_matrix, save_training_curves
 from finetune.model import build_classifier
-from finetune.sources import data_root
+from finetune.sources import scan_data
 from finetune.runfolder import STAGES, Manifest, stage_key, write_json
 from finetune.shipped import model_latencies
 from finetune.trainer import ImageFeeds, PhaseResult, RunState, balanced_class_weight, train_two_phases
@@ -63,24 +62,46 @@ class PreparedData:
         """train (shuffled, augmented), val and test pipelines at cfg's input size."""
         size, batch = cfg.backbone.input_size, cfg.data.batch_size
         augmenter = make_augmenter(cfg.data.augment, cfg.seed)
-        train = make_dataset(self.splits["train"], self.num_classes, size, batch, augmenter, seed=cfg.seed)
-        val, test = (make_dataset(self.splits[name], self.num_classes, size, batch) for name in ("val", "test"))
+        cache = self.image_cache(cfg)
+        train = make_dataset(self.splits["train"], self.num_classes, size, batch, augmenter, seed=cfg.seed, cache=cache)
+        val, test = (make_dataset(self.splits[name], self.num_classes, size, batch, cache=cache) for name in ("val", "test"))
         return train, val, test
 
     def feeds(self, cfg: DictConfig, model: keras.Model, cache_folder: Path) -> feature_cache.Feeds:
-        """What the phases train on: image batches, or the model's cached features in cache_folder/feature_cache."""
+        """What the phases train on: image batches, or the model's cached features in cache_folder/feature_cache.
+
+        The feature cache keeps in memory what memory_budget_gb leaves beside the decoded images held there."""
         train, val, _ = self.datasets(cfg)
+        images = self.image_cache(cfg)
         return feature_cache.feeds_for(cfg, model, ImageFeeds(model, train, val), self.splits, self.num_classes,
-                                       self.info["fingerprint"], cache_folder / feature_cache.CACHE_DIR)
+                                       self.info["fingerprint"], cache_folder / feature_cache.CACHE_DIR,
+                                       images, cfg.memory_budget_gb * 1e9 - self.images_in_memory(cfg))
+
+    def image_cache(self, cfg: DictConfig) -> image_cache.ImageCache:
+        """Where the decoded images stay between epochs (data.cache; auto: memory within memory_budget_gb)."""
+        return image_cache.choose(cfg.data.cache, cfg.data.cache_dir, cfg.memory_budget_gb, len(self.folder.paths),
+                                  cfg.backbone.input_size)
+
+    def images_in_memory(self, cfg: DictConfig) -> int:
+        """Bytes the decoded-image cache holds in memory (0 when it is on disk or off)."""
+        if self.image_cache(cfg).mode != "memory":
+            return 0
+        return image_cache.decoded_bytes(len(self.folder.paths), cfg.backbone.input_size)
 
 
 def prepare_data(cfg: DictConfig) -> PreparedData:
-    """Scan (reporting skipped files) and split the configured data."""
-    folder = scan_folder(data_root(cfg.data))
-    if folder.skipped:
-        print(f"Skipped {len(folder.skipped)} unusable file(s) (listed in skipped_images.txt):")
-        for path, reason in folder.skipped[:5]:
+    """Scan and split the configured data, and say which files were skipped."""
+    data = scan_and_split(cfg)
+    if data.folder.skipped:
+        print(f"Skipped {len(data.folder.skipped)} unusable file(s) (listed in skipped_images.txt):")
+        for path, reason in data.folder.skipped[:5]:
             print(f"  {path}\t{reason}")
+    return data
+
+
+def scan_and_split(cfg: DictConfig) -> PreparedData:
+    """Scan (decode-check every image) and split the configured data: what a run trains on, `finetune scan` shows."""
+    folder = scan_data(cfg.data)
     splits = split_folder(folder, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
     return PreparedData(folder, splits, dataset_info(cfg.data.name, folder, splits))
 
@@ -111,7 +132,7 @@ def run_job(
         return json.loads((run_dir / METRICS_FILE).read_text())
     seed_everything(cfg.seed, cfg.deterministic)
     data = data or prepare_data(cfg)
-    manifest.check_fingerprint(data.info["fingerprint"], data.folder.root)
+    manifest.check_fingerprint(data.info["fingerprint"], data.folder.source.location)
     data.write_lists(run_dir)
     state = RunState(run_dir / "state.json")
     results = json.loads((run_dir / METRICS_FILE).read_text()) if (run_dir / METRICS_FILE).exists() else {}
@@ -228,7 +249,7 @@ class _Stages:
             mlflow.log_artifact(str(self.run_dir / name))
 
     def log_model(self) -> None:
-        example = load_images(self.data.splits["test"].paths[:1], self.cfg.backbone.input_size)
+        example = load_images(self.data.splits["test"].subset([0]), self.cfg.backbone.input_size)
         tracking.log_keras_model(self.model, example, self.cfg.export.register_model)
 
     def export(self) -> None:
@@ -282,16 +303,16 @@ def _write_splits(splits: dict[str, Split], folder: ImageFolder, path: Path) -> 
         writer.writerow(["split", "path", "class"])
         for name in SPLITS:
             for file, label in zip(splits[name].paths, splits[name].labels):
-                writer.writerow([name, Path(file).relative_to(folder.root), folder.class_names[label]])
+                writer.writerow([name, folder.source.record_name(file), folder.class_names[label]])
 
 
 def dataset_info(name: str, folder: ImageFolder, splits: dict[str, Split]) -> dict[str, Any]:
     """What data a run used: where, which classes, which split (fingerprint) and how many images."""
     return {
         "name": name,
-        "root": str(folder.root.resolve()),
+        **folder.source.info(),
         "classes": ",".join(folder.class_names),
-        "fingerprint": split_fingerprint(splits, folder.root),
+        "fingerprint": split_fingerprint(splits),
         **{f"{split}_images": len(splits[split].paths) for split in SPLITS},
     }
 

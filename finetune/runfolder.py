@@ -126,14 +126,14 @@ class Manifest(JsonRecord):
                      "split_fingerprint": None, "mlflow": None, "stages": {}}
         self.save()
 
-    def check_fingerprint(self, fingerprint: str, data_root: Path) -> None:
+    def check_fingerprint(self, fingerprint: str, data_location: str) -> None:
         """Refuse to resume on other data: which image is in which split must not change under a run."""
         recorded = self.data.get("split_fingerprint")
         if recorded is None:
             self.update(split_fingerprint=fingerprint)
         elif recorded != fingerprint:
             raise UsageError(
-                f"the images under {data_root} changed since this run started (split fingerprint {fingerprint}, "
+                f"the images under {data_location} changed since this run started (split fingerprint {fingerprint}, "
                 f"was {recorded}); resuming would mix the splits, so start a new run folder"
             )
 

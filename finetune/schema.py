@@ -162,21 +162,35 @@ class Augment:
 
 
 @dataclass
-class FolderData:
+class Data:
+    """Keys every data source has; each source's class adds where its images are."""
+
     name: str = leaf(NAME)
-    path: str = leaf(Rule(free="a folder with one subfolder per class"))
     val_fraction: float = leaf(Rule(low=0, high=1, bounds="()"))
     test_fraction: float = leaf(Rule(low=0, high=1, bounds="()"))
     split_seed: int = leaf(SEED)
     batch_size: int = leaf(at_least(1))
+    cache: str = leaf(Rule(choices=("auto", "memory", "disk", "none")))  # decoded images: finetune/image_cache.py
+    cache_dir: str = leaf(Rule(free="a folder for scan results and decoded images (never the image folder)"))
     augment: Augment = field(default_factory=Augment)
+
+
+@dataclass
+class FolderData(Data):
+    path: str = leaf(Rule(free="a folder with one subfolder per class"))
 
 
 @dataclass
 class FlowersData(FolderData):
     path: Optional[str] = leaf(Rule(free="a local copy of the flower_photos folder"))
     tfds_dir: str = leaf(Rule(free="a folder for TensorFlow Datasets' files"))
-    cache_dir: str = leaf(Rule(free="a folder for the unpacked images"))
+    cache_dir: str = leaf(Rule(free="a folder for the unpacked images, scan results and decoded images"))
+
+
+@dataclass
+class TfdsData(Data):
+    dataset: str = leaf(Rule(free="the name of a TensorFlow Datasets image classification dataset, e.g. beans"))
+    tfds_dir: str = leaf(Rule(free="TensorFlow Datasets' data folder (an already prepared one, offline)"))
 
 
 @dataclass
@@ -314,6 +328,7 @@ def register() -> None:
         store.store(group=f"{SCHEMA_GROUP}/backbone", name=name, node=node)
     store.store(group=f"{SCHEMA_GROUP}/data", name="folder", node=FolderData)
     store.store(group=f"{SCHEMA_GROUP}/data", name="flowers", node=FlowersData)
+    store.store(group=f"{SCHEMA_GROUP}/data", name="tfds", node=TfdsData)
 
 
 def field_rule(schema: type, key: str) -> tuple[Any, Rule] | None:

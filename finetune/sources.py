@@ -1,4 +1,4 @@
-"""Where a dataset's class folders are: a local path, or tf_flowers from TensorFlow Datasets."""
+"""Where a dataset's images are: a local class-per-folder path, tf_flowers unpacked from TFDS, or a TFDS dataset."""
 
 from __future__ import annotations
 
@@ -10,6 +10,30 @@ from typing import Any
 from finetune.config import UsageError
 
 COMPLETE_MARKER = ".complete"
+
+
+def scan_data(data_cfg: Any) -> Any:
+    """Scan the configured data (data=tfds: a TFDS dataset's records; otherwise a class-per-folder tree): an ImageFolder."""
+    if "dataset" in data_cfg:
+        from finetune.tfds_source import scan_tfds
+
+        return scan_tfds(data_cfg.dataset, data_cfg.tfds_dir, data_cfg.cache_dir)
+    from finetune.dataset import scan_folder
+
+    return scan_folder(data_root(data_cfg), data_cfg.cache_dir)
+
+
+def source_of(info: dict[str, Any]) -> Any:
+    """The image source a run recorded in its dataset info (metrics.json `dataset`), to read its splits again."""
+    if info.get("tfds"):
+        from finetune.tfds_source import TfdsSource, image_features, prepared_builder
+
+        builder = prepared_builder(info["tfds"], info["tfds_dir"])
+        keys = image_features(info["tfds"], builder.info.features, builder.info.supervised_keys)
+        return TfdsSource(info["tfds"], info["tfds_dir"], *keys, str(builder.info.version))
+    from finetune.dataset import FileSource
+
+    return FileSource(Path(info["root"]))
 
 
 def data_root(data_cfg: Any) -> Path:
@@ -45,6 +69,13 @@ def root_cause(error: BaseException) -> BaseException:
     return error
 
 
+def download_failure(name: str, error: BaseException, offline_hint: str) -> UsageError:
+    """A TFDS download that failed for want of a network, as one line: the root cause and what to do offline."""
+    cause = root_cause(error)
+    reason = " ".join(f"{type(cause).__name__}: {cause}".split())[:160]
+    return UsageError(f"{name} could not be downloaded ({reason}); {offline_hint}")
+
+
 def tf_flowers_folder(tfds_dir: Path, cache_dir: Path) -> Path:
     """Download tf_flowers with TFDS (once) and unpack it into cache_dir/flower_photos/<class>/."""
     target = cache_dir / "flower_photos"
@@ -56,11 +87,7 @@ def tf_flowers_folder(tfds_dir: Path, cache_dir: Path) -> Path:
     try:
         builder.download_and_prepare()
     except network_errors() as error:
-        cause = root_cause(error)
-        reason = " ".join(f"{type(cause).__name__}: {cause}".split())[:160]
-        raise UsageError(
-            f"tf_flowers could not be downloaded ({reason}); offline, pass data.path=/path/to/flower_photos"
-        ) from error
+        raise download_failure("tf_flowers", error, "offline, pass data.path=/path/to/flower_photos") from error
     class_names = builder.info.features["label"].names
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)

@@ -122,7 +122,7 @@ def tune_job(cfg: DictConfig, run_dir: Path, tags: dict[str, str] | None = None)
     manifest = Manifest(run_dir)
     manifest.start("tune", cfg)
     data = prepare_data(cfg)
-    manifest.check_fingerprint(data.info["fingerprint"], data.folder.root)
+    manifest.check_fingerprint(data.info["fingerprint"], data.folder.source.location)
     data.write_lists(run_dir)
     hypermodel = FinetuneHyperModel(cfg, data.num_classes)
     tuner = TwoPhaseTuner(

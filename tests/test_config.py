@@ -47,6 +47,7 @@ GROUP_OPTIONS = [f"{group}={path.stem}" for group in ("backbone", "data", "tuner
         ("data.batch_size=true", "data.batch_size=true must be a whole number >= 1"),
         ("train.feature_cache=sometimes", "train.feature_cache=sometimes must be true or false"),
         ("train.feature_views=0", "train.feature_views=0 must be a whole number >= 1"),
+        ("data.cache=sometimes", "data.cache=sometimes must be auto, memory, disk or none"),
         ("memory_budget_gb=0", "memory_budget_gb=0.0 must be a number > 0"),
         ("train.phase2.clipvalue=0", "train.phase2.clipvalue=0.0 must be null or a number > 0"),
         ("backbone=mobilenet backbone.depth_multiplier=0", "backbone.depth_multiplier=0 must be a whole number >= 1"),
@@ -139,7 +140,8 @@ def leaves(node: DictConfig, prefix: str = "") -> Iterator[tuple[str, Any, Rule 
 @pytest.mark.parametrize("option", [None, *GROUP_OPTIONS])
 def test_every_key_has_a_type_and_a_rule(option: str | None) -> None:
     """A key added to conf/ or finetune/schema.py without a type and a Rule fails here."""
-    cfg = compose([FLOWERS, *([option] if option else [])])
+    data = ["data.dataset=beans"] if option == "data=tfds" else [FLOWERS]  # a TFDS dataset has no path
+    cfg = compose([*([option] if option else []), *data])
     for key, hint, rule in leaves(cfg):
         assert hint is not Any, f"{key} has no type in finetune/schema.py"
         assert rule is not None, f"{key} has no Rule in finetune/schema.py"

@@ -30,7 +30,8 @@ NO_AUGMENTATION = ("data.augment.flip=false", "data.augment.rotation=0", "data.a
 def tiny_cfg(data: Path, *extra: str):
     return compose(["backbone=mobilenet_v3_small", f"backbone.weights={V3_SMALL}", "backbone.input_size=32",
                     "data=folder", f"data.path={data}", "data.batch_size=8", "train.phase1.epochs=2",
-                    "train.phase2.epochs=2", "train.feature_views=2", "train.early_stopping_patience=100", *extra])
+                    "train.phase2.epochs=2", "train.feature_views=2", "train.early_stopping_patience=100",
+                    f"data.cache_dir={data.parent / 'cache'}", *extra])
 
 
 @pytest.fixture(autouse=True)
@@ -220,12 +221,26 @@ def test_a_cache_is_reused_in_process_and_from_its_files(tmp_path: Path, tiny_im
 
 def test_over_the_memory_budget_the_cache_is_read_from_disk_and_the_run_says_so(
         tmp_path: Path, tiny_images: Path, capsys: pytest.CaptureFixture) -> None:
-    cfg = tiny_cfg(tiny_images, "train.feature_cache=true", "memory_budget_gb=1e-6")  # 1 kB
+    cfg = tiny_cfg(tiny_images, "train.feature_cache=true", "memory_budget_gb=1e-6", "data.cache=memory")  # 1 kB
     model, made = train(cfg, tmp_path)
     assert made.record["feature_cache_storage"] == "disk"
     assert all(isinstance(a, np.memmap) for a in made.tensors().train[BOUNDARY])
     assert "read from disk" in capsys.readouterr().out
     assert [e["phase"] for e in RunState(tmp_path / "state.json").history()] == [1, 1, 2, 2]
+
+
+@pytest.mark.parametrize("data_cache", ["auto", "memory", "disk", "none"])
+def test_the_feature_cache_gets_the_budget_the_decoded_images_leave(tmp_path: Path, tiny_images: Path,
+                                                                    data_cache: str) -> None:
+    """One memory_budget_gb for every cache: decoded images held in memory come off the feature cache's share,
+    and the fill pass keeps its decoded images where the run keeps them."""
+    cfg = tiny_cfg(tiny_images, "train.feature_cache=true", "memory_budget_gb=0.5", f"data.cache={data_cache}")
+    data = prepare_data(cfg)
+    with mlflow.start_run():
+        made = data.feeds(cfg, build_classifier(cfg, data.num_classes), tmp_path)
+    decoded = len(data.folder.paths) * 32 * 32 * 3 if data_cache in ("auto", "memory") else 0
+    assert made.budget_bytes == 0.5e9 - decoded
+    assert made.decoded.mode == ("memory" if data_cache == "auto" else data_cache)
 
 
 def test_mixup_trains_on_images_and_says_why(tmp_path: Path, tiny_images: Path, capsys: pytest.CaptureFixture) -> None:

@@ -1,0 +1,172 @@
+"""The decode check of every image, in parallel (tf.data), remembered per file in `data.cache_dir`.
+
+A file's result is kept with its size and modification time (`scan-<root hash>.json`), so the next scan of
+the same folder (a rerun, every job of a sweep) decodes only the files that are new or changed. Images are
+decoded as training decodes them, many at once; the few that fail are decoded again one by one for the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import tensorflow as tf
+from tqdm import tqdm
+
+from finetune import interrupts
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+DECODE_ERRORS = (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, tf.errors.UnknownError)
+CACHE_FORMAT = f"1, tensorflow {tf.__version__}"  # results of another check (or decoder) are not reused
+CHECK_BATCH = 256
+Stat = tuple[int, int]  # (size in bytes, modification time in ns)
+
+
+def decode_error_reason(error: tf.errors.OpError) -> str:
+    """A decoding failure in one short line, without TensorFlow's op-name prefix."""
+    return " ".join(error.message.split("}}")[-1].split())[:120]
+
+
+def unusable_reason(contents: bytes | tf.Tensor) -> str | None:
+    """Why these encoded bytes cannot be trained on, or None when they decode as an image (as training does)."""
+    try:
+        image = tf.io.decode_image(contents, channels=3, expand_animations=False)
+    except DECODE_ERRORS as error:
+        return "cannot be decoded: " + decode_error_reason(error)
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        return "empty image"
+    return None
+
+
+def file_reason(path: Path) -> str | None:
+    """Why this file cannot be trained on (its type, or its contents), or None."""
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        return f"not an image file type ({path.suffix or 'no extension'})"
+    try:
+        return unusable_reason(tf.io.read_file(str(path)))
+    except DECODE_ERRORS as error:
+        return "cannot be read: " + decode_error_reason(error)
+
+
+def _decoded_shape(contents: tf.Tensor) -> tf.Tensor:
+    """[height, width] of the image, decoded exactly as training decodes it (a JPEG decoded at reduced scale
+    would pass some files cut short that the full decode refuses)."""
+    return tf.shape(tf.io.decode_image(contents, channels=3, expand_animations=False))[:2]
+
+
+def decodable(examples: tf.data.Dataset, total: int, description: str) -> Iterator[tuple[int, int]]:
+    """(index, label) of every (index, encoded image, label) element that decodes; the failed ones are left out.
+
+    Decoding runs in parallel in tf.data; a progress bar shows on a terminal (stderr).
+    """
+    def check(index: tf.Tensor, contents: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        return index, label, _decoded_shape(contents)
+
+    checked = (examples.map(check, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+               .ignore_errors().batch(CHECK_BATCH).prefetch(2))
+    with tqdm(total=total, desc=description, unit="img", file=sys.stderr, disable=None, leave=False) as bar:
+        for indices, labels, shapes in checked.as_numpy_iterator():
+            interrupts.check()
+            bar.update(len(indices))
+            for index, label, (height, width) in zip(indices.tolist(), labels.tolist(), shapes.tolist()):
+                if height > 0 and width > 0:
+                    yield index, label
+
+
+def file_stats(files: list[str]) -> dict[str, Stat]:
+    """(size, modification time) of each file (paths as text: a 100,000-file scan is mostly this bookkeeping)."""
+    return {path: (stat.st_size, stat.st_mtime_ns) for path in files for stat in (os.stat(path),)}
+
+
+def stats_version(stats: dict[str, Stat]) -> str:
+    """A short hash of every file's path, size and modification time: changes when any file may have changed."""
+    digest = hashlib.sha256()
+    for path, (size, mtime_ns) in stats.items():
+        digest.update(f"{path}\t{size}\t{mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def check_files(stats: dict[str, Stat], cache_file: Path | None) -> dict[str, str | None]:
+    """Each file's reason to skip it (None: usable); unchanged files' results come from cache_file."""
+    known = ScanCache.load(cache_file)
+    reasons = {path: known.reason(path) for path, stat in stats.items() if known.unchanged(path, stat)}
+    fresh = [path for path in stats if path not in reasons]
+    reasons.update(_check_fresh(fresh))
+    if cache_file is not None and fresh:
+        ScanCache({path: [*stat, reasons[path]] for path, stat in stats.items()}).save(cache_file)
+    return reasons
+
+
+def _check_fresh(files: list[str]) -> dict[str, str | None]:
+    """Decode-check files: by type first, then the images in parallel, then the reason for each failure."""
+    reasons = {path: file_reason(Path(path)) for path in files
+               if os.path.splitext(path)[1].lower() not in IMAGE_EXTENSIONS}
+    images = [path for path in files if path not in reasons]
+    if images:
+        examples = tf.data.Dataset.from_tensor_slices((tf.range(len(images), dtype=tf.int64), images))
+        examples = examples.map(lambda index, path: (index, tf.io.read_file(path), tf.constant(0, tf.int64)))
+        passed = {index for index, _ in decodable(examples, len(images), "Checking images")}
+        for index, path in enumerate(images):
+            reasons[path] = None if index in passed else (file_reason(Path(path)) or "cannot be decoded")
+    return reasons
+
+
+class ScanCache:
+    """Decode-check results by file: {path: [size, mtime_ns, reason or None]}; written whole (temp file + rename)."""
+
+    def __init__(self, entries: dict[str, list]) -> None:
+        self.entries = entries
+
+    @classmethod
+    def load(cls, cache_file: Path | None) -> ScanCache:
+        """The cache in cache_file; empty when there is none, or it is unreadable or of another check."""
+        data = read_json(cache_file)
+        return cls(data["files"] if data.get("format") == CACHE_FORMAT else {})
+
+    def unchanged(self, path: str, stat: Stat) -> bool:
+        """Whether the cache has a result for path at this size and modification time."""
+        entry = self.entries.get(path)
+        return entry is not None and entry[0] == stat[0] and entry[1] == stat[1]
+
+    def reason(self, path: str) -> str | None:
+        return self.entries[path][2]
+
+    def save(self, cache_file: Path) -> None:
+        write_json_atomically(cache_file, {"format": CACHE_FORMAT, "files": self.entries})
+
+
+def write_json_atomically(path: Path, data: dict) -> None:
+    """Replace path at once (a temporary file beside it, then a rename): a reader, another sweep job, sees the
+    old file or the new one, and two writers each write a whole file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as out:
+            json.dump(data, out)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path | None) -> dict:
+    """A JSON file's contents; {} when there is none or it cannot be read."""
+    if path is None or not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def cache_file_for(location: Path | str, cache_dir: Path | None) -> Path | None:
+    """Where the scan results of a folder (or TFDS dataset) are kept: cache_dir/scan/<hash of where it is>.json."""
+    if cache_dir is None:
+        return None
+    where = str(location.resolve()) if isinstance(location, Path) else location
+    return cache_dir / "scan" / f"{hashlib.sha256(where.encode()).hexdigest()[:16]}.json"
