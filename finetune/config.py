@@ -171,8 +171,11 @@ def validate_export(export: DictConfig) -> None:
 
 
 def _check_backbone(bb: DictConfig) -> None:
-    """What the schema cannot say: ImageNet weights per family, the weights file, the family's block count."""
+    """What the schema cannot say: the family's smallest input, ImageNet weights per family, the weights file,
+    the family's block count."""
     spec = BACKBONES[bb.name]
+    if bb.input_size < spec.min_input_size:
+        raise UsageError(f"backbone.input_size={bb.input_size} is too small for {spec.name}; allowed: {spec.min_input_size} or more")
     if bb.weights == "imagenet":
         _check_imagenet(spec, bb)
     elif bb.weights is not None and not Path(bb.weights).expanduser().is_file():
