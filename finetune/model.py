@@ -96,13 +96,13 @@ def preprocess(normalization: InputNormalization, images: Any) -> Any:
     offset = [-mean / stddev for mean, stddev in zip(normalization.mean_rgb, normalization.stddev_rgb)]
     if not normalization.bgr:
         return keras.layers.Rescaling(scale, offset, name=PREPROCESS_LAYER)(images)
-    to_bgr = keras.layers.Conv2D(3, 1, name=PREPROCESS_LAYER, trainable=False)
-    outputs = to_bgr(images)
     kernel = np.zeros((1, 1, 3, 3), "float32")
     for rgb in range(3):
         kernel[0, 0, rgb, 2 - rgb] = scale[rgb]
+    to_bgr = keras.layers.Conv2D(3, 1, name=PREPROCESS_LAYER, trainable=False)
+    to_bgr.build((None, None, None, 3))
     to_bgr.set_weights([kernel, np.array(offset[::-1], "float32")])
-    return outputs
+    return to_bgr(images)
 
 
 def layer_blocks(backbone: keras.Model, spec: BackboneSpec) -> dict[str, str | None]:
