@@ -247,6 +247,7 @@ class Tuner:
     max_trials: int = leaf(at_least(1))
     max_epochs: int = leaf(at_least(1))
     max_latency_ms: Optional[float] = leaf(POSITIVE)
+    backbone: Optional[List[str]] = leaf(Rule(choices=tuple(BACKBONES)))
     alpha: Optional[List[float]] = leaf(POSITIVE)
     dropout: DropoutRange = field(default_factory=DropoutRange)
     learning_rate: Optional[List[float]] = leaf(POSITIVE)
