@@ -23,19 +23,19 @@ from finetune.model import (block_map, build_classifier, freeze_backbone, layer_
                             unfreeze_top_blocks)
 from finetune.summary import render
 
-# One model per family in the default tier (MobileNet and EfficientNet V1 are covered by test_backbones.py),
-# with its first and last block as Keras names them
+# One model per family in the default tier (MobileNet and EfficientNet V1 are covered by test_backbones.py):
+# its first and last block as Keras names them, and how many layers with weights its stem has
 FAMILIES = {
-    "resnet50": ("conv2_block1", "conv5_block3"),
-    "resnet50_v2": ("conv2_block1", "conv5_block3"),
-    "vgg16": ("block1", "block5"),
-    "xception": ("block1", "block14"),
-    "inception_v3": ("mixed0", "mixed10"),
-    "inception_resnet_v2": ("mixed_5b", "block8_10"),
-    "densenet121": ("conv2_block1", "conv5_block16"),
-    "nasnet_mobile": ("stem_1", "12"),
-    "efficientnet_v2_b0": ("block1a", "block6h"),
-    "convnext_tiny": ("stage_0_block_0", "stage_3_block_2"),
+    "resnet50": ("conv2_block1", "conv5_block3", 2),  # conv1_conv, conv1_bn
+    "resnet50_v2": ("conv2_block1", "conv5_block3", 1),  # conv1_conv (pre-activation: no BatchNorm)
+    "vgg16": ("block1", "block5", 0),
+    "xception": ("block1", "block14", 0),  # its first convs are block1
+    "inception_v3": ("mixed0", "mixed10", 10),  # five convs with their BatchNorm, before the first module
+    "inception_resnet_v2": ("mixed_5b", "block8_10", 10),
+    "densenet121": ("conv2_block1", "conv5_block16", 2),
+    "nasnet_mobile": ("stem_1", "12", 2),  # stem_conv1, stem_bn1; then the stem's two reduction cells
+    "efficientnet_v2_b0": ("block1a", "block6h", 2),
+    "convnext_tiny": ("stage_0_block_0", "stage_3_block_2", 1),  # the stem Sequential (conv + LayerNorm)
 }
 NAMING_SCHEMES = ("resnet50", "efficientnet_v2_b0", "convnext_tiny")  # the default tier's file-name checks
 EVERY_BACKBONE = [pytest.param(name, marks=[] if name in FAMILIES else [pytest.mark.slow]) for name in BACKBONES]
@@ -93,7 +93,8 @@ def test_block_map_covers_the_model_and_phase2_trains_only_the_top_blocks(name: 
     blocks = [block for block in block_map(backbone, spec) if block != "final"]
     assert len(blocks) == spec.num_blocks
     if name in FAMILIES:
-        assert (blocks[0], blocks[-1]) == FAMILIES[name]
+        stem_weighted = [layer for layer in backbone.layers if placed[layer.name] is None and layer.weights]
+        assert (blocks[0], blocks[-1], len(stem_weighted)) == FAMILIES[name]
 
     # outside every block: only the stem, before the first block; the final layers come after the last block
     order = [placed[layer.name] for layer in backbone.layers]
