@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -67,18 +67,19 @@ def trial_backbone(cfg: DictConfig, hp: Any) -> DictConfig:
     names = search_backbones(cfg)
     several = len(names) > 1
     chosen = hp.Choice(BACKBONE_HP, names) if several else names[0]
-    picked = None
-    for name in names:
-        backbone = candidate(cfg, name)
-        with hp.conditional_scope(BACKBONE_HP, [name]) if several else contextlib.nullcontext():
-            choices = {key: hp.Choice(key + (f".{name}" if several else ""), values) for key, values in
-                       (("alpha", search_alphas(cfg, backbone)), ("input_size", search_sizes(cfg, backbone))) if values}
-        if name == chosen:  # the others' choices are None (inactive)
-            picked = OmegaConf.merge(backbone, choices)
-    return picked
+    choices = {name: _declare_choices(cfg, hp, name, several) for name in names}  # inactive ones hold None
+    return OmegaConf.merge(candidate(cfg, chosen), choices[chosen])
 
 
-def check_candidates(cfg: DictConfig, check_backbone: Any, error: type[Exception]) -> None:
+def _declare_choices(cfg: DictConfig, hp: Any, name: str, several: bool) -> dict[str, Any]:
+    """One backbone's alpha and input size choices (those it has values for), in its conditional scope."""
+    backbone = candidate(cfg, name)
+    with hp.conditional_scope(BACKBONE_HP, [name]) if several else contextlib.nullcontext():
+        return {key: hp.Choice(key + (f".{name}" if several else ""), values) for key, values in
+                (("alpha", search_alphas(cfg, backbone)), ("input_size", search_sizes(cfg, backbone))) if values}
+
+
+def check_candidates(cfg: DictConfig, check_backbone: Callable[[DictConfig], None], error: type[Exception]) -> None:
     """Each backbone to try has something to try, and is valid with each value it will try (`check_backbone`
     raises `error`)."""
     names = search_backbones(cfg)

@@ -8,6 +8,7 @@ the published counts at full size, the TFLite conversions and the CLI runs are t
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import keras
@@ -160,6 +161,17 @@ def test_a_size_the_family_cannot_take_is_one_line(name: str, size: int, allowed
         validate_model(compose([f"backbone={name}", f"backbone.input_size={size}"]))
     assert str(refused.value).startswith(f"backbone.input_size={size} ")
     assert name in str(refused.value) and allowed in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_summary_shows_preprocessing_sizes_and_a_block_map_that_adds_up() -> None:
+    text = render(compose(["backbone=resnet50", "backbone.input_size=32", "backbone.unfreeze_blocks=2"]), 5)
+    assert "Preprocessing (inside the model, which takes raw 0..255 RGB): caffe: BGR, ImageNet mean subtracted" in text
+    assert "Input sizes: any size >= 32, with ImageNet weights" in text
+    backbone_params = int(re.search(r"\(backbone ([\d,]+),", text).group(1).replace(",", ""))
+    rows = text.split("phase 2\n")[1].splitlines()
+    assert [row.split()[0] for row in rows][:2] == ["(stem)", "conv2_block1"]
+    assert sum(int(row.split()[2].replace(",", "")) for row in rows) == backbone_params
+    assert [row.split()[0] for row in rows if row.endswith("trainable")] == ["conv5_block2", "conv5_block3"]
 
 
 # Keras's published table (keras.io/api/applications: parameters with the 1000-class top, default input size)
