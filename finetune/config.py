@@ -15,6 +15,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from finetune import schema
+from finetune.backbone_search import check_candidates
 from finetune.backbones import BACKBONES, BackboneSpec, imagenet_alphas
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -171,8 +172,11 @@ def validate_export(export: DictConfig) -> None:
 
 
 def _check_backbone(bb: DictConfig) -> None:
-    """What the schema cannot say: ImageNet weights per family, the weights file, the family's block count."""
+    """What the schema cannot say: the family's smallest input, ImageNet weights per family, the weights file,
+    the family's block count."""
     spec = BACKBONES[bb.name]
+    if bb.input_size < spec.min_input_size:
+        raise UsageError(f"backbone.input_size={bb.input_size} is too small for {spec.name}; allowed: {spec.min_input_size} or more")
     if bb.weights == "imagenet":
         _check_imagenet(spec, bb)
     elif bb.weights is not None and not Path(bb.weights).expanduser().is_file():
@@ -214,6 +218,9 @@ def _check_tuner(cfg: DictConfig) -> None:
     search, spec = cfg.tuner, BACKBONES[cfg.backbone.name]
     if search.dropout.min > search.dropout.max:
         raise UsageError(f"tuner.dropout min={search.dropout.min} max={search.dropout.max} must satisfy min <= max")
+    if search.backbone:  # a search over backbones: each candidate with the values it will try
+        check_candidates(cfg, _check_backbone, UsageError)
+        return
     if search.alpha and "alpha" not in spec.extra_kwargs:
         raise UsageError(f"tuner.alpha is set but {spec.name} has no alpha; leave it null")
     for key in ("alpha", "input_size", "unfreeze_blocks"):  # each value to try must make a valid backbone

@@ -149,7 +149,10 @@ class MobileNetV3Backbone(Backbone):
 
 
 @dataclass
-class EfficientNetBackbone(Backbone):
+class PlainBackbone(Backbone):
+    """Families whose constructor takes no knob of ours: EfficientNet (V2), ResNet (V2), VGG, Xception,
+    Inception, DenseNet, NASNet, ConvNeXt."""
+
     name: str = leaf(_family())
 
 
@@ -268,6 +271,7 @@ class Tuner:
     max_trials: int = leaf(at_least(1))
     max_epochs: int = leaf(at_least(1))
     max_latency_ms: Optional[float] = leaf(POSITIVE)
+    backbone: Optional[List[str]] = leaf(Rule(choices=tuple(BACKBONES)))
     alpha: Optional[List[float]] = leaf(POSITIVE)
     dropout: DropoutRange = field(default_factory=DropoutRange)
     learning_rate: Optional[List[float]] = leaf(POSITIVE)
@@ -324,7 +328,7 @@ def register() -> None:
     store = ConfigStore.instance()
     store.store(group=SCHEMA_GROUP, name="config", node=Config)
     for name, node in (("mobilenet", MobileNetBackbone), ("mobilenet_v2", MobileNetV2Backbone),
-                       ("mobilenet_v3", MobileNetV3Backbone), ("efficientnet", EfficientNetBackbone)):
+                       ("mobilenet_v3", MobileNetV3Backbone), ("plain", PlainBackbone)):
         store.store(group=f"{SCHEMA_GROUP}/backbone", name=name, node=node)
     store.store(group=f"{SCHEMA_GROUP}/data", name="folder", node=FolderData)
     store.store(group=f"{SCHEMA_GROUP}/data", name="flowers", node=FlowersData)

@@ -12,7 +12,7 @@ import mlflow
 from omegaconf import DictConfig, OmegaConf
 
 from finetune import cost, feature_cache, interrupts, tracking
-from finetune.backbones import BACKBONES, imagenet_alphas
+from finetune.backbone_search import trial_backbone
 from finetune.model import build_classifier
 from finetune.export import calibration_images
 from finetune.run import PreparedData, latency_metrics, latency_tags, prepare_data, run_job, seed_everything
@@ -35,13 +35,10 @@ class FinetuneHyperModel(kt.HyperModel):
     def trial_config(self, hp: kt.HyperParameters) -> DictConfig:
         """The run config of one trial (declares the hyperparameters on first use)."""
         cfg, search = copy.deepcopy(self.cfg), self.cfg.tuner
-        alphas = search_alphas(cfg)
-        if alphas:
-            cfg.backbone.alpha = hp.Choice("alpha", alphas)
+        cfg.backbone = trial_backbone(self.cfg, hp)  # the backbone, its alpha and input size
         cfg.head.dropout = hp.Float("dropout", search.dropout.min, search.dropout.max, step=search.dropout.step)
         for key, target in (("learning_rate", "train.phase1.learning_rate"),
-                            ("unfreeze_blocks", "backbone.unfreeze_blocks"),
-                            ("input_size", "backbone.input_size")):
+                            ("unfreeze_blocks", "backbone.unfreeze_blocks")):
             if search[key]:
                 OmegaConf.update(cfg, target, hp.Choice(key, list(search[key])))
         cfg.train.phase1.epochs = hp.values.get("tuner/epochs", search.phase1_epochs)  # hyperband sets the budget
@@ -50,14 +47,6 @@ class FinetuneHyperModel(kt.HyperModel):
 
     def build(self, hp: kt.HyperParameters) -> keras.Model:
         return build_classifier(self.trial_config(hp), self.num_classes)
-
-
-def search_alphas(cfg: DictConfig) -> list[float]:
-    """tuner.alpha, or every alpha with ImageNet weights for the family; [] for families without alpha."""
-    spec = BACKBONES[cfg.backbone.name]
-    if "alpha" not in spec.extra_kwargs:
-        return []
-    return [float(a) for a in cfg.tuner.alpha] if cfg.tuner.alpha else list(imagenet_alphas(spec, cfg.backbone))
 
 
 class TwoPhaseTuner(kt.Tuner):
