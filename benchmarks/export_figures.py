@@ -24,14 +24,15 @@ from finetune import predict
 from finetune.artifacts import TFLITE_FORMATS, artifact_path
 from finetune.cost import measure_tflite_latency
 from finetune.dataset import load_images, read_splits
+from finetune.sources import source_of
 
 
 def test_photos(run_dir: Path, size: int, folder: Path) -> tuple[list[Path], np.ndarray]:
     """The run's test images as PNG files at the model's input size, and their labels."""
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    splits = read_splits(run_dir / "data_splits.csv", Path(metrics["dataset"]["root"]), metrics["classes"])
+    splits = read_splits(run_dir / "data_splits.csv", source_of(metrics["dataset"]), metrics["classes"])
     paths = []
-    for index, image in enumerate(load_images(splits["test"].paths, size)):
+    for index, image in enumerate(load_images(splits["test"], size)):
         paths.append(folder / f"test_{index:04d}.png")
         Image.fromarray(image.astype("uint8")).save(paths[-1])
     return paths, np.asarray(splits["test"].labels)
