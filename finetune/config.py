@@ -150,6 +150,7 @@ def validate(cfg: DictConfig) -> None:
     _check_data(cfg.data)
     if cfg.mode == "tune":
         _check_tuner(cfg)
+    _check_distribution(cfg)
     if cfg.weights_dir and not Path(cfg.weights_dir).expanduser().is_dir():
         raise UsageError(f"weights_dir={cfg.weights_dir} is not a folder; give a folder of Keras weight files")
 
@@ -224,6 +225,13 @@ def _check_tuner(cfg: DictConfig) -> None:
                 _check_backbone(candidate)
             except UsageError as error:
                 raise UsageError(f"tuner.{key} has {value}: {error}") from None
+
+
+def _check_distribution(cfg: DictConfig) -> None:
+    """distribute= against TF_CONFIG and the mode; a search's Keras-Tuner environment (finetune.distribute)."""
+    from finetune import distribute  # it raises this module's UsageError
+
+    distribute.check(cfg.distribute, tune=cfg.mode == "tune")
 
 
 def flatten(cfg: DictConfig) -> dict[str, Any]:

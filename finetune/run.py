@@ -15,7 +15,7 @@ import mlflow
 import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
-from finetune import cost, interrupts, tracking
+from finetune import cost, distribute, interrupts, tracking
 from finetune.backbones import BACKBONES
 from finetune.dataset import (
     SPLITS,
@@ -59,13 +59,16 @@ class PreparedData:
         _write_skipped(self.folder, run_dir / "skipped_images.txt")
         _write_splits(self.splits, self.folder, run_dir / "data_splits.csv")
 
-    def datasets(self, cfg: DictConfig) -> tuple[tf.data.Dataset, tf.data.Dataset, tf.data.Dataset]:
-        """train (shuffled, augmented), val and test pipelines at cfg's input size."""
-        size, batch = cfg.backbone.input_size, cfg.data.batch_size
+    def datasets(self, cfg: DictConfig, replicas: int = 1) -> tuple[tf.data.Dataset, tf.data.Dataset, tf.data.Dataset]:
+        """train (shuffled, augmented), val and test pipelines at cfg's input size, batched for `replicas` replicas."""
         augmenter = make_augmenter(cfg.data.augment, cfg.seed)
-        train = make_dataset(self.splits["train"], self.num_classes, size, batch, augmenter, seed=cfg.seed)
-        val, test = (make_dataset(self.splits[name], self.num_classes, size, batch) for name in ("val", "test"))
-        return train, val, test
+        made = {}
+        for name in SPLITS:
+            split = self.splits[name]
+            batches = distribute.replica_batches(cfg.data.batch_size, len(split.paths), replicas)
+            made[name] = make_dataset(split, self.num_classes, cfg.backbone.input_size, cfg.data.batch_size,
+                                      augmenter if name == "train" else None, seed=cfg.seed).take(batches)
+        return made["train"], made["val"], made["test"]
 
 
 def prepare_data(cfg: DictConfig) -> PreparedData:
@@ -103,23 +106,52 @@ def run_job(
     if all(manifest.done(stage, stage_key(cfg, stage, manifest)) for stage in STAGES if stage_wanted(cfg, stage)):
         print(f"This run already finished; its results are in {run_dir} (metrics.json).")
         return json.loads((run_dir / METRICS_FILE).read_text())
+    strategy = distribute.strategy(cfg.distribute)  # before any other TensorFlow op
+    if not distribute.is_chief(cfg.distribute):
+        return train_as_worker(cfg, run_dir, manifest, strategy)
     seed_everything(cfg.seed, cfg.deterministic)
     data = data or prepare_data(cfg)
     manifest.check_fingerprint(data.info["fingerprint"], data.folder.root)
     data.write_lists(run_dir)
     state = RunState(run_dir / "state.json")
     results = json.loads((run_dir / METRICS_FILE).read_text()) if (run_dir / METRICS_FILE).exists() else {}
-    run_tags = {**(tags or {}), "run_dir": str(run_dir.resolve())}
+    run_tags = {**(tags or {}), "run_dir": str(run_dir.resolve()), **distribute.tags(cfg.distribute, strategy)}
     with tracking.job_run(cfg, manifest, run_tags, data.params(), nested=nested) as (run, started):
         if started:
             for epoch in state.history():  # a run re-recorded in another store keeps its training curve
                 mlflow.log_metrics({k: v for k, v in epoch.items() if k != "epoch"}, step=epoch["epoch"])
-        stages = _Stages(cfg, run_dir, manifest, state, data, results)
+        stages = _Stages(cfg, run_dir, manifest, state, data, results, strategy)
         for stage in STAGES:
             if stage_wanted(cfg, stage):
                 stages.run(stage, getattr(stages, stage))
     _print_summary(results, run_dir, run.info.run_id, cfg.mlflow.tracking_uri)
     return results
+
+
+def train_as_worker(cfg: DictConfig, run_dir: Path, manifest: Manifest, strategy: tf.distribute.Strategy) -> dict[str, Any]:
+    """A multi_worker process other than the chief: trains with the chief, step by step, in its own run folder.
+
+    It keeps only what resuming needs (manifest, state, checkpoints); the chief records, evaluates and exports.
+    """
+    seed_everything(cfg.seed, cfg.deterministic)
+    data = prepare_data(cfg)
+    manifest.check_fingerprint(data.info["fingerprint"], data.folder.root)
+    train_model(cfg, data, run_dir, RunState(run_dir / "state.json"), strategy)
+    print(f"Training done as {distribute.cluster_task().describe()}; the chief records, evaluates and exports.")
+    return {}
+
+
+def train_model(cfg: DictConfig, data: PreparedData, run_dir: Path, state: RunState,
+                strategy: tf.distribute.Strategy) -> tuple[keras.Model, dict[str, PhaseResult]]:
+    """Build the classifier and train (or resume) both phases inside the strategy's scope, so its variables
+    and both phases' optimizers live on every replica."""
+    train_ds, val_ds, _ = data.datasets(cfg, strategy.num_replicas_in_sync)
+    class_weight = (balanced_class_weight(data.splits["train"].labels, data.num_classes)
+                    if cfg.head.class_weight == "auto" else None)
+    with strategy.scope():
+        model = build_classifier(cfg, data.num_classes)
+        phases = train_two_phases(model, cfg, train_ds, val_ds, run_dir, state, class_weight)
+    return model, phases
 
 
 def stage_wanted(cfg: DictConfig, stage: str) -> bool:
@@ -131,8 +163,9 @@ class _Stages:
     """The stages of one run after data preparation; each reads what earlier stages left in the run folder."""
 
     def __init__(self, cfg: DictConfig, run_dir: Path, manifest: Manifest, state: RunState, data: PreparedData,
-                 results: dict[str, Any]) -> None:
+                 results: dict[str, Any], strategy: tf.distribute.Strategy) -> None:
         self.cfg, self.run_dir, self.manifest, self.state, self.data = cfg, run_dir, manifest, state, data
+        self.strategy = strategy
         self.results = results  # what metrics.json holds
         self.model_path = run_dir / "model.keras"
         self._model: keras.Model | None = None
@@ -159,16 +192,13 @@ class _Stages:
         weights_source = resolve_weights(BACKBONES[cfg.backbone.name], cfg.backbone, cfg.weights_dir)
         print(f"{cfg.backbone.name} with weights: {weights_source}; {len(data.folder.paths)} images in "
               f"{data.num_classes} classes")
-        model = build_classifier(cfg, data.num_classes)
-        train_ds, val_ds, _ = data.datasets(cfg)
-        class_weight = (balanced_class_weight(data.splits["train"].labels, data.num_classes)
-                        if cfg.head.class_weight == "auto" else None)
-        phases = train_two_phases(model, cfg, train_ds, val_ds, self.run_dir, self.state, class_weight)
+        model, phases = train_model(cfg, data, self.run_dir, self.state, self.strategy)
         interrupts.check()
         partial = self.run_dir / "model.partial.keras"  # a kill during the save leaves no half model.keras
         model.save(partial)
         os.replace(partial, self.model_path)
-        self._model = model
+        # a distributed model would run every later step on all replicas (and workers): the stages load model.keras
+        self._model = model if distribute.is_default(self.strategy) else None
         mlflow.log_param("backbone.weights_source", weights_source)
         self.results.update({
             **{f"{name}_best_val_accuracy": result.best_val_accuracy for name, result in phases.items()},
