@@ -228,10 +228,12 @@ def _check_tuner(cfg: DictConfig) -> None:
 
 
 def _check_distribution(cfg: DictConfig) -> None:
-    """distribute= against TF_CONFIG and the mode; a search's Keras-Tuner environment (finetune.distribute)."""
-    from finetune import distribute  # it raises this module's UsageError
+    """distribute= against TF_CONFIG and the mode; a search's KERASTUNER_* environment."""
+    from finetune import distribute, search_cluster  # they raise this module's UsageError
 
     distribute.check(cfg.distribute, tune=cfg.mode == "tune")
+    if cfg.mode == "tune":
+        search_cluster.check_environment()
 
 
 def flatten(cfg: DictConfig) -> dict[str, Any]:

@@ -124,7 +124,11 @@ def is_default(chosen: tf.distribute.Strategy) -> bool:
 def tags(mode: str, chosen: tf.distribute.Strategy) -> dict[str, str]:
     """What the run was trained with: the strategy, its replicas and processes (MLflow tags)."""
     processes = cluster_task().cluster_size if mode == "multi_worker" else 1
-    return {"distribute.strategy": type(chosen).__name__ if not is_default(chosen) else "none",
+    import tensorflow as tf
+
+    name = ("none" if is_default(chosen) else
+            "multi_worker" if isinstance(chosen, tf.distribute.MultiWorkerMirroredStrategy) else "mirrored")
+    return {"distribute.strategy": name,
             "distribute.replicas": str(chosen.num_replicas_in_sync),
             "distribute.processes": str(processes)}
 

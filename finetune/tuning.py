@@ -11,7 +11,7 @@ import keras_tuner as kt
 import mlflow
 from omegaconf import DictConfig, OmegaConf
 
-from finetune import cost, interrupts, tracking
+from finetune import cost, interrupts, search_cluster, tracking
 from finetune.backbones import BACKBONES, imagenet_alphas
 from finetune.model import build_classifier
 from finetune.export import calibration_images
@@ -67,6 +67,7 @@ class TwoPhaseTuner(kt.Tuner):
         super().__init__(**kwargs)
         self.cfg = cfg
         self.data = data
+        self.parent_run_id: str | None = None  # the search's MLflow run; a worker's is the chief's (search_cluster)
 
     def run_trial(self, trial: kt.engine.trial.Trial, *args: Any, **kwargs: Any) -> dict[str, float]:
         interrupts.check()
@@ -77,8 +78,9 @@ class TwoPhaseTuner(kt.Tuner):
         model = self.hypermodel.build(hp)
         trial_dir = Path(self.get_trial_dir(trial.trial_id))
         train_ds, val_ds, _ = self.data.datasets(trial_cfg)
-        with tracking.tracked_run(self.cfg.mlflow, None, {"trial_id": trial.trial_id, "kind": "trial"},
-                                  nested=True, run_name=f"{tracking.run_label(trial_cfg)} trial {trial.trial_id}"):
+        trial_tags = {"trial_id": trial.trial_id, "kind": "trial", "tuner_id": self.tuner_id}
+        with tracking.tracked_run(self.cfg.mlflow, None, trial_tags, nested=True, parent_run_id=self.parent_run_id,
+                                  run_name=f"{tracking.run_label(trial_cfg)} trial {trial.trial_id}"):
             mlflow.log_params({f"hp.{k}": v for k, v in hp.values.items()})
             mlflow.log_params({key: OmegaConf.select(trial_cfg, key) for key in TRIAL_PARAMS})
             phases = train_two_phases(model, trial_cfg, train_ds, val_ds, trial_dir, RunState(trial_dir / "state.json"))
@@ -134,9 +136,17 @@ def tune_job(cfg: DictConfig, run_dir: Path, tags: dict[str, str] | None = None)
         project_name="tuner",
         overwrite=False,  # an interrupted search continues; finished trials are not trained again
     )
+    role = search_cluster.role()
+    if role == "worker":
+        return _search_as_worker(cfg, tuner)
     search_tags = {**(tags or {}), "kind": "search", "run_dir": str(run_dir.resolve())}
-    with tracking.job_run(cfg, manifest, search_tags, data.params(), run_name=f"search {tracking.run_label(cfg)}"):
-        tuner.search()
+    with tracking.job_run(cfg, manifest, search_tags, data.params(), run_name=f"search {tracking.run_label(cfg)}") as (run, _):
+        tuner.parent_run_id = run.info.run_id
+        if role == "chief":
+            search_cluster.publish_search_run(run.info.experiment_id, run.info.run_id)
+            search_cluster.serve_oracle(tuner)
+        else:
+            tuner.search()
         finished = tuner.oracle.get_best_trials(num_trials=len(tuner.oracle.trials))
         best = best_within_budget(finished, cfg.tuner.max_latency_ms)
         mlflow.log_metrics({"trials": len(finished)})
@@ -155,6 +165,13 @@ def tune_job(cfg: DictConfig, run_dir: Path, tags: dict[str, str] | None = None)
                           data=data, nested=True)
         mlflow.log_metrics({f"best.{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     return metrics
+
+
+def _search_as_worker(cfg: DictConfig, tuner: TwoPhaseTuner) -> None:
+    """A worker of a distributed search: run the chief's trials under the chief's search run, until none is left."""
+    tuner.parent_run_id = search_cluster.chief_search_run(cfg.mlflow, tuner.oracle)
+    tuner.search()
+    print(f"{tuner.tuner_id}: the chief's oracle has no trial left; the chief retrains the best.", flush=True)
 
 
 def _best_dir(run_dir: Path) -> Path:
