@@ -272,8 +272,10 @@ def latency_metrics(shipped: cost.Latency, keras_figure: cost.Latency) -> dict[s
 
 
 def latency_tags(shipped: cost.Latency, keras_figure: cost.Latency) -> dict[str, str]:
-    """What each latency figure timed ("tflite_float32, LiteRT XNNPACK, 1 thread"); `finetune report` reads the first."""
-    return {"latency.method": shipped.describe(), "keras_latency.method": keras_figure.describe()}
+    """What each latency figure timed ("tflite_float32, LiteRT XNNPACK, 1 thread") and on which device (CPU,
+    /device:GPU:0); `finetune report` reads the first."""
+    return {"latency.method": shipped.describe(), "keras_latency.method": keras_figure.describe(),
+            "latency.device": shipped.device, "keras_latency.device": keras_figure.device}
 
 
 def kept_phase(phases: dict[str, PhaseResult]) -> int:
@@ -328,7 +330,7 @@ def _print_summary(results: dict[str, Any], run_dir: Path, run_id: str, tracking
         f"Latency {shipped.median_ms:.2f} ms median, {shipped.p90_ms:.2f} ms p90 ({shipped.describe()}; batch 1, "
         f"{shipped.runs} runs after {shipped.warmup} warm-up{'' if shipped.exclusive else _not_alone(shipped)})\n"
         f"Keras model {keras_figure.median_ms:.1f} ms median, {keras_figure.p90_ms:.1f} ms p90 "
-        f"(tf.function, {cost.threads_text(keras_figure.threads)})\n"
+        f"(tf.function on {keras_figure.device}, {cost.threads_text(keras_figure.threads)})\n"
         f"Size {results['params'] / 1e6:.2f} M params, {results['macs'] / 1e6:.1f} M MACs, "
         f"model.keras {results['model_size_mb']:.1f} MB\n"
         f"Outputs in {run_dir}\n"

@@ -135,7 +135,9 @@ def free_port() -> int:
 
 
 def port_is_free(port: int) -> bool:
+    """Nobody listens on it (SO_REUSEADDR: connections closing in TIME_WAIT do not count)."""
     with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("127.0.0.1", port))
         except OSError:
@@ -182,6 +184,7 @@ def test_mirrored_over_two_logical_cpus_is_one_run(tmp_path: Path, tiny_images: 
     run, = runs(tmp_path)
     assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
     assert (run.data.tags["distribute.strategy"], run.data.tags["distribute.replicas"]) == ("mirrored", "2")
+    assert (run.data.tags["latency.device"], run.data.tags["keras_latency.device"]) == ("CPU", "CPU")  # no GPU here
     assert len(json.loads((run_dir / "state.json").read_text())["epochs"]) == 2  # both phases trained
 
 
