@@ -163,9 +163,9 @@ class _Stages:
     """The stages of one run after data preparation; each reads what earlier stages left in the run folder."""
 
     def __init__(self, cfg: DictConfig, run_dir: Path, manifest: Manifest, state: RunState, data: PreparedData,
-                 results: dict[str, Any], strategy: tf.distribute.Strategy) -> None:
+                 results: dict[str, Any], strategy: tf.distribute.Strategy | None = None) -> None:
         self.cfg, self.run_dir, self.manifest, self.state, self.data = cfg, run_dir, manifest, state, data
-        self.strategy = strategy
+        self.strategy = strategy or tf.distribute.get_strategy()
         self.results = results  # what metrics.json holds
         self.model_path = run_dir / "model.keras"
         self._model: keras.Model | None = None
