@@ -123,9 +123,9 @@ def is_default(chosen: tf.distribute.Strategy) -> bool:
 
 def tags(mode: str, chosen: tf.distribute.Strategy) -> dict[str, str]:
     """What the run was trained with: the strategy, its replicas and processes (MLflow tags)."""
-    processes = cluster_task().cluster_size if mode == "multi_worker" else 1
     import tensorflow as tf
 
+    processes = cluster_task().cluster_size if mode == "multi_worker" else 1
     name = ("none" if is_default(chosen) else
             "multi_worker" if isinstance(chosen, tf.distribute.MultiWorkerMirroredStrategy) else "mirrored")
     return {"distribute.strategy": name,
@@ -147,6 +147,7 @@ def replica_batches(batch_size: int, images: int, replicas: int) -> int:
     return full + (rest >= replicas)
 
 
+@functools.cache
 def repair_keras_distribution() -> None:
     """Two fixes to Keras 3.15's TensorFlow trainer, without which `fit` fails under these strategies
     (keras-team/keras#20585, tensorflow/tensorflow#72388); once per process, for every model.
@@ -161,9 +162,6 @@ def repair_keras_distribution() -> None:
     """
     from keras.src.backend.tensorflow import trainer
 
-    if getattr(trainer, "_finetune_repaired", False):
-        return
-    trainer._finetune_repaired = True
     keras_reduce = trainer.reduce_per_replica
 
     def reduce_per_replica(values: Any, strategy: tf.distribute.Strategy, reduction: str) -> Any:
