@@ -269,7 +269,8 @@ def test_an_interrupted_distributed_search_resumes(tmp_path: Path, tiny_images: 
     for tuner_id in ("tuner0", "tuner1", "chief"):  # workers first: the chief then has nobody to wait for
         processes[tuner_id].send_signal(signal.SIGTERM)
         processes[tuner_id].wait(timeout=300)
-    assert {process.returncode for process in processes.values()} == {130}
+    assert processes["chief"].returncode == 130  # a worker told "no trial left" just before may have ended (0)
+    assert {processes[name].returncode for name in ("tuner0", "tuner1")} <= {0, 130}
     assert [run.info.status for run in runs(tmp_path) if run.data.tags.get("kind") == "search"] == ["KILLED"]
 
     resumed = start_search(tmp_path, tiny_images, port, "-2")
