@@ -86,9 +86,9 @@ def chief_search_run(mlflow_cfg: DictConfig, oracle: Any) -> str:
 def serve_oracle(tuner: kt.Tuner, poll_seconds: float = 1.0) -> None:
     """The chief's part of the search: serve the oracle until every trial has ended and every worker was told.
 
-    Keras-Tuner's own chief loop (oracle_chief.start_server) with two changes: Ctrl-C and `kill` stop it
-    (interrupts.check, once a second), and it frees the port on the way out; it also notices the end every
-    second rather than every 20.
+    Keras-Tuner's own chief loop (oracle_chief.start_server) with these changes: Ctrl-C and `kill` stop it
+    (interrupts.check, once a second); it frees the port and saves the oracle on the way out; it notices the
+    end every second rather than every 20.
     """
     import grpc
     from concurrent import futures
@@ -112,3 +112,7 @@ def serve_oracle(tuner: kt.Tuner, poll_seconds: float = 1.0) -> None:
             time.sleep(poll_seconds)
     finally:
         server.stop(grace=None)
+        # Keras-Tuner saves the oracle as a trial ends but before it stops counting it as ongoing, and a reloaded
+        # oracle retries the trials it counts as ongoing: without this save, a restarted chief reruns the last
+        # finished trial. After server.stop no request changes the oracle.
+        tuner.oracle.save()
