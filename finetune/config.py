@@ -151,6 +151,7 @@ def validate(cfg: DictConfig) -> None:
     _check_data(cfg.data)
     if cfg.mode == "tune":
         _check_tuner(cfg)
+    _check_distribution(cfg)
     if cfg.weights_dir and not Path(cfg.weights_dir).expanduser().is_dir():
         raise UsageError(f"weights_dir={cfg.weights_dir} is not a folder; give a folder of Keras weight files")
 
@@ -231,6 +232,15 @@ def _check_tuner(cfg: DictConfig) -> None:
                 _check_backbone(candidate)
             except UsageError as error:
                 raise UsageError(f"tuner.{key} has {value}: {error}") from None
+
+
+def _check_distribution(cfg: DictConfig) -> None:
+    """distribute= against TF_CONFIG and the mode; a search's KERASTUNER_* environment."""
+    from finetune import distribute, search_cluster  # they raise this module's UsageError
+
+    distribute.check(cfg.distribute, tune=cfg.mode == "tune")
+    if cfg.mode == "tune":
+        search_cluster.check_environment()
 
 
 def flatten(cfg: DictConfig) -> dict[str, Any]:

@@ -67,6 +67,7 @@ class Latency:
     method: str  # what ran: "keras model, tf.function", "tflite_int8, LiteRT XNNPACK", ...
     exclusive: bool  # had the timing lock, and other processes kept under QUIET_BELOW_CORES busy meanwhile
     other_cores: float  # cores other processes on the machine kept busy while it timed
+    device: str = "CPU"  # where it ran: LiteRT's XNNPACK is a CPU delegate; a Keras model runs on TensorFlow's first GPU if any
 
     def as_dict(self) -> dict[str, float | int | str | bool]:
         return asdict(self)
@@ -133,7 +134,14 @@ class OtherLoad:
         self.cores = max(0.0, others / (time.perf_counter() - self._start))
 
 
-def time_calls(call: Callable[[], object], warmup: int, runs: int, threads: int, method: str) -> Latency:
+def keras_device() -> str:
+    """Where TensorFlow runs a Keras model unless told otherwise: its first GPU, else the CPU."""
+    gpus = tf.config.list_logical_devices("GPU")
+    return gpus[0].name if gpus else "CPU"
+
+
+def time_calls(call: Callable[[], object], warmup: int, runs: int, threads: int, method: str,
+               device: str = "CPU") -> Latency:
     """Median and p90 wall time of `call` after `warmup` untimed calls, in this machine's timing turn."""
     with machine_turn(TIMING_LOCK_TIMEOUT_S) as turn, OtherLoad() as others:
         for _ in range(warmup):
@@ -152,6 +160,7 @@ def time_calls(call: Callable[[], object], warmup: int, runs: int, threads: int,
         method=method,
         exclusive=turn and others.cores < QUIET_BELOW_CORES,
         other_cores=others.cores,
+        device=device,
     )
 
 
@@ -177,7 +186,8 @@ def measure_latency(model: keras.Model, warmup: int = 10, runs: int = 50) -> Lat
     size = model.input_shape[1:]
     predict = tf.function(lambda x: model(x, training=False), input_signature=[tf.TensorSpec((1, *size), tf.float32)])
     image = tf.random.stateless_uniform((1, *size), seed=(0, 0), maxval=255.0)
-    return time_calls(lambda: predict(image).numpy(), warmup, runs, intra_op_threads(), "keras model, tf.function")
+    return time_calls(lambda: predict(image).numpy(), warmup, runs, intra_op_threads(), "keras model, tf.function",
+                      keras_device())
 
 
 def measure_keras_latency(model: keras.Model, warmup: int, runs: int, threads: int | None) -> Latency:

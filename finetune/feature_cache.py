@@ -303,11 +303,17 @@ def cached_batches(arrays: list[np.ndarray], labels: np.ndarray, batch_size: int
 
 
 def feeds_for(cfg: DictConfig, model: keras.Model, images: ImageFeeds, splits: dict[str, Split], num_classes: int,
-              fingerprint: str, folder: Path, decoded: ImageCache, budget_bytes: float) -> Feeds:
-    """The phases' feeds: images (train.feature_cache=false, or MixUp on), else cached tensors in `folder`.
+              fingerprint: str, folder: Path, decoded: ImageCache, budget_bytes: float, replicas: int = 1) -> Feeds:
+    """The phases' feeds: images (train.feature_cache=false, MixUp on, or several replicas), else cached tensors
+    in `folder`.
 
     decoded: where the fill pass keeps the decoded images; budget_bytes: what the caches may hold in memory."""
     if not cfg.train.feature_cache:
+        return images
+    if replicas > 1:
+        print(f"Feature cache: off under distribute={cfg.distribute} ({replicas} replicas): the cache is filled and "
+              "read in one process; training on images.", flush=True)
+        mlflow.set_tags({"feature_cache_storage": "off (distributed)", "feature_cache_reused": "no"})
         return images
     if cfg.data.augment.mixup:
         print("Feature cache: off, as data.augment.mixup > 0 (MixUp blends images; blending their features "

@@ -15,7 +15,7 @@ import mlflow
 import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
-from finetune import cost, feature_cache, image_cache, interrupts, tracking
+from finetune import cost, distribute, feature_cache, image_cache, interrupts, tracking
 from finetune.backbones import BACKBONES
 from finetune.dataset import (
     SPLITS,
@@ -58,24 +58,28 @@ class PreparedData:
         _write_skipped(self.folder, run_dir / "skipped_images.txt")
         _write_splits(self.splits, self.folder, run_dir / "data_splits.csv")
 
-    def datasets(self, cfg: DictConfig) -> tuple[tf.data.Dataset, tf.data.Dataset, tf.data.Dataset]:
-        """train (shuffled, augmented), val and test pipelines at cfg's input size."""
-        size, batch = cfg.backbone.input_size, cfg.data.batch_size
+    def datasets(self, cfg: DictConfig, replicas: int = 1) -> tuple[tf.data.Dataset, tf.data.Dataset, tf.data.Dataset]:
+        """train (shuffled, augmented), val and test pipelines at cfg's input size, batched for `replicas` replicas."""
         augmenter = make_augmenter(cfg.data.augment, cfg.seed)
         cache = self.image_cache(cfg)
-        train = make_dataset(self.splits["train"], self.num_classes, size, batch, augmenter, seed=cfg.seed, cache=cache)
-        val, test = (make_dataset(self.splits[name], self.num_classes, size, batch, cache=cache) for name in ("val", "test"))
-        return train, val, test
+        made = {}
+        for name in SPLITS:
+            split = self.splits[name]
+            batches = distribute.replica_batches(cfg.data.batch_size, len(split.paths), replicas)
+            made[name] = make_dataset(split, self.num_classes, cfg.backbone.input_size, cfg.data.batch_size,
+                                      augmenter if name == "train" else None, seed=cfg.seed, cache=cache).take(batches)
+        return made["train"], made["val"], made["test"]
 
-    def feeds(self, cfg: DictConfig, model: keras.Model, cache_folder: Path) -> feature_cache.Feeds:
-        """What the phases train on: image batches, or the model's cached features in cache_folder/feature_cache.
+    def feeds(self, cfg: DictConfig, model: keras.Model, cache_folder: Path, replicas: int = 1) -> feature_cache.Feeds:
+        """What the phases train on: image batches (for `replicas` replicas), or the model's cached features in
+        cache_folder/feature_cache (one replica only).
 
         The feature cache keeps in memory what memory_budget_gb leaves beside the decoded images held there."""
-        train, val, _ = self.datasets(cfg)
+        train, val, _ = self.datasets(cfg, replicas)
         images = self.image_cache(cfg)
         return feature_cache.feeds_for(cfg, model, ImageFeeds(model, train, val), self.splits, self.num_classes,
                                        self.info["fingerprint"], cache_folder / feature_cache.CACHE_DIR,
-                                       images, cfg.memory_budget_gb * 1e9 - self.images_in_memory(cfg))
+                                       images, cfg.memory_budget_gb * 1e9 - self.images_in_memory(cfg), replicas)
 
     def image_cache(self, cfg: DictConfig) -> image_cache.ImageCache:
         """Where the decoded images stay between epochs (data.cache; auto: memory within memory_budget_gb)."""
@@ -130,23 +134,52 @@ def run_job(
     if all(manifest.done(stage, stage_key(cfg, stage, manifest)) for stage in STAGES if stage_wanted(cfg, stage)):
         print(f"This run already finished; its results are in {run_dir} (metrics.json).")
         return json.loads((run_dir / METRICS_FILE).read_text())
+    strategy = distribute.strategy(cfg.distribute)  # before any other TensorFlow op
+    if not distribute.is_chief(cfg.distribute):
+        return train_as_worker(cfg, run_dir, manifest, strategy)
     seed_everything(cfg.seed, cfg.deterministic)
     data = data or prepare_data(cfg)
     manifest.check_fingerprint(data.info["fingerprint"], data.folder.source.location)
     data.write_lists(run_dir)
     state = RunState(run_dir / "state.json")
     results = json.loads((run_dir / METRICS_FILE).read_text()) if (run_dir / METRICS_FILE).exists() else {}
-    run_tags = {**(tags or {}), "run_dir": str(run_dir.resolve())}
+    run_tags = {**(tags or {}), "run_dir": str(run_dir.resolve()), **distribute.tags(cfg.distribute, strategy)}
     with tracking.job_run(cfg, manifest, run_tags, data.params(), nested=nested) as (run, started):
         if started:
             for epoch in state.history():  # a run re-recorded in another store keeps its training curve
                 mlflow.log_metrics({k: v for k, v in epoch.items() if k != "epoch"}, step=epoch["epoch"])
-        stages = _Stages(cfg, run_dir, manifest, state, data, results)
+        stages = _Stages(cfg, run_dir, manifest, state, data, results, strategy)
         for stage in STAGES:
             if stage_wanted(cfg, stage):
                 stages.run(stage, getattr(stages, stage))
     _print_summary(results, run_dir, run.info.run_id, cfg.mlflow.tracking_uri)
     return results
+
+
+def train_as_worker(cfg: DictConfig, run_dir: Path, manifest: Manifest, strategy: tf.distribute.Strategy) -> dict[str, Any]:
+    """A multi_worker process other than the chief: trains with the chief, step by step, in its own run folder.
+
+    It keeps only what resuming needs (manifest, state, checkpoints); the chief records, evaluates and exports.
+    """
+    seed_everything(cfg.seed, cfg.deterministic)
+    data = prepare_data(cfg)
+    manifest.check_fingerprint(data.info["fingerprint"], data.folder.source.location)
+    train_model(cfg, data, run_dir, RunState(run_dir / "state.json"), strategy)
+    print(f"Training done as {distribute.cluster_task().describe()}; the chief records, evaluates and exports.")
+    return {}
+
+
+def train_model(cfg: DictConfig, data: PreparedData, run_dir: Path, state: RunState,
+                strategy: tf.distribute.Strategy) -> tuple[keras.Model, dict[str, PhaseResult]]:
+    """Build the classifier and train (or resume) both phases inside the strategy's scope, so its variables
+    and both phases' optimizers live on every replica."""
+    class_weight = (balanced_class_weight(data.splits["train"].labels, data.num_classes)
+                    if cfg.head.class_weight == "auto" else None)
+    with strategy.scope():
+        model = build_classifier(cfg, data.num_classes)
+        feeds = data.feeds(cfg, model, run_dir, strategy.num_replicas_in_sync)
+        phases = train_two_phases(model, cfg, feeds, run_dir, state, class_weight)
+    return model, phases
 
 
 def stage_wanted(cfg: DictConfig, stage: str) -> bool:
@@ -158,8 +191,9 @@ class _Stages:
     """The stages of one run after data preparation; each reads what earlier stages left in the run folder."""
 
     def __init__(self, cfg: DictConfig, run_dir: Path, manifest: Manifest, state: RunState, data: PreparedData,
-                 results: dict[str, Any]) -> None:
+                 results: dict[str, Any], strategy: tf.distribute.Strategy | None = None) -> None:
         self.cfg, self.run_dir, self.manifest, self.state, self.data = cfg, run_dir, manifest, state, data
+        self.strategy = strategy or tf.distribute.get_strategy()
         self.results = results  # what metrics.json holds
         self.model_path = run_dir / "model.keras"
         self._model: keras.Model | None = None
@@ -186,17 +220,14 @@ class _Stages:
         weights_source = resolve_weights(BACKBONES[cfg.backbone.name], cfg.backbone, cfg.weights_dir)
         print(f"{cfg.backbone.name} with weights: {weights_source}; {len(data.folder.paths)} images in "
               f"{data.num_classes} classes")
-        model = build_classifier(cfg, data.num_classes)
-        feeds = data.feeds(cfg, model, self.run_dir)
-        class_weight = (balanced_class_weight(data.splits["train"].labels, data.num_classes)
-                        if cfg.head.class_weight == "auto" else None)
-        phases = train_two_phases(model, cfg, feeds, self.run_dir, self.state, class_weight)
+        model, phases = train_model(cfg, data, self.run_dir, self.state, self.strategy)
         interrupts.check()
         partial = self.run_dir / "model.partial.keras"  # a kill during the save leaves no half model.keras
         model.save(partial)
         os.replace(partial, self.model_path)
         feature_cache.remove_files(self.run_dir)
-        self._model = model
+        # a distributed model would run every later step on all replicas (and workers): the stages load model.keras
+        self._model = model if distribute.is_default(self.strategy) else None
         mlflow.log_param("backbone.weights_source", weights_source)
         self.results.update({
             **{f"{name}_best_val_accuracy": result.best_val_accuracy for name, result in phases.items()},
@@ -271,8 +302,10 @@ def latency_metrics(shipped: cost.Latency, keras_figure: cost.Latency) -> dict[s
 
 
 def latency_tags(shipped: cost.Latency, keras_figure: cost.Latency) -> dict[str, str]:
-    """What each latency figure timed ("tflite_float32, LiteRT XNNPACK, 1 thread"); `finetune report` reads the first."""
-    return {"latency.method": shipped.describe(), "keras_latency.method": keras_figure.describe()}
+    """What each latency figure timed ("tflite_float32, LiteRT XNNPACK, 1 thread") and on which device (CPU,
+    /device:GPU:0); `finetune report` reads the first."""
+    return {"latency.method": shipped.describe(), "keras_latency.method": keras_figure.describe(),
+            "latency.device": shipped.device, "keras_latency.device": keras_figure.device}
 
 
 def kept_phase(phases: dict[str, PhaseResult]) -> int:
@@ -327,7 +360,7 @@ def _print_summary(results: dict[str, Any], run_dir: Path, run_id: str, tracking
         f"Latency {shipped.median_ms:.2f} ms median, {shipped.p90_ms:.2f} ms p90 ({shipped.describe()}; batch 1, "
         f"{shipped.runs} runs after {shipped.warmup} warm-up{'' if shipped.exclusive else _not_alone(shipped)})\n"
         f"Keras model {keras_figure.median_ms:.1f} ms median, {keras_figure.p90_ms:.1f} ms p90 "
-        f"(tf.function, {cost.threads_text(keras_figure.threads)})\n"
+        f"(tf.function on {keras_figure.device}, {cost.threads_text(keras_figure.threads)})\n"
         f"Size {results['params'] / 1e6:.2f} M params, {results['macs'] / 1e6:.1f} M MACs, "
         f"model.keras {results['model_size_mb']:.1f} MB\n"
         f"Outputs in {run_dir}\n"

@@ -314,6 +314,7 @@ class Config:
     export: Export = field(default_factory=Export)
     tuner: Tuner = field(default_factory=Tuner)
     mode: str = leaf(Rule(choices=("train", "tune")))
+    distribute: str = leaf(Rule(choices=("none", "auto", "mirrored", "multi_worker")))  # finetune.distribute
     seed: int = leaf(SEED)
     deterministic: bool = leaf(FLAG)
     weights_dir: Optional[str] = leaf(Rule(free="a folder of Keras weight files"))

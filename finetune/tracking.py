@@ -92,11 +92,16 @@ def job_run(
 
 @contextlib.contextmanager
 def tracked_run(
-    mlflow_cfg: DictConfig, run_id: str | None, tags: dict[str, str], nested: bool = False, run_name: str | None = None
+    mlflow_cfg: DictConfig, run_id: str | None, tags: dict[str, str], nested: bool = False, run_name: str | None = None,
+    parent_run_id: str | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
-    """Start (or re-open, given run_id) the run; end it FINISHED, KILLED on interrupt, FAILED on error."""
+    """Start (or re-open, given run_id) the run; end it FINISHED, KILLED on interrupt, FAILED on error.
+
+    parent_run_id: the run to nest under when it is not this process's active run (a search worker's trials).
+    """
     experiment_id = setup(mlflow_cfg)
-    run = mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name=run_name, tags=tags, nested=nested)
+    run = mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name=run_name, tags=tags, nested=nested,
+                           parent_run_id=parent_run_id)
     try:
         yield run
     except KeyboardInterrupt:

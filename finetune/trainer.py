@@ -52,7 +52,7 @@ class RunState(JsonRecord):
 
 
 class EpochRecorder(keras.callbacks.Callback):
-    """After every epoch: metrics to MLflow (step = global epoch) and to the run state."""
+    """After every epoch: metrics to the run state and to the MLflow run, if there is one (step = global epoch)."""
 
     def __init__(self, phase: int, state: RunState) -> None:
         super().__init__()
@@ -61,7 +61,8 @@ class EpochRecorder(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
         metrics = {key: float(value) for key, value in (logs or {}).items()}
-        mlflow.log_metrics({**metrics, "phase": self.phase}, step=epoch + 1)
+        if mlflow.active_run() is not None:  # none on a multi_worker process other than the chief
+            mlflow.log_metrics({**metrics, "phase": self.phase}, step=epoch + 1)
         self.state.record_epoch(epoch + 1, self.phase, metrics)
 
 

@@ -11,7 +11,7 @@ import keras_tuner as kt
 import mlflow
 from omegaconf import DictConfig, OmegaConf
 
-from finetune import cost, feature_cache, interrupts, tracking
+from finetune import cost, feature_cache, interrupts, search_cluster, tracking
 from finetune.backbone_search import trial_backbone
 from finetune.model import build_classifier
 from finetune.export import calibration_images
@@ -56,6 +56,7 @@ class TwoPhaseTuner(kt.Tuner):
         super().__init__(**kwargs)
         self.cfg = cfg
         self.data = data
+        self.parent_run_id: str | None = None  # the search's MLflow run; a worker's is the chief's (search_cluster)
 
     def run_trial(self, trial: kt.engine.trial.Trial, *args: Any, **kwargs: Any) -> dict[str, float]:
         interrupts.check()
@@ -65,8 +66,9 @@ class TwoPhaseTuner(kt.Tuner):
         seed_everything(trial_cfg.seed, trial_cfg.deterministic)
         model = self.hypermodel.build(hp)
         trial_dir = Path(self.get_trial_dir(trial.trial_id))
-        with tracking.tracked_run(self.cfg.mlflow, None, {"trial_id": trial.trial_id, "kind": "trial"},
-                                  nested=True, run_name=f"{tracking.run_label(trial_cfg)} trial {trial.trial_id}"):
+        trial_tags = {"trial_id": trial.trial_id, "kind": "trial", "tuner_id": self.tuner_id}
+        with tracking.tracked_run(self.cfg.mlflow, None, trial_tags, nested=True, parent_run_id=self.parent_run_id,
+                                  run_name=f"{tracking.run_label(trial_cfg)} trial {trial.trial_id}"):
             mlflow.log_params({f"hp.{k}": v for k, v in hp.values.items()})
             mlflow.log_params({key: OmegaConf.select(trial_cfg, key) for key in TRIAL_PARAMS})
             feeds = self.data.feeds(trial_cfg, model, Path(self.project_dir).parent)  # one cache folder for all trials
@@ -123,9 +125,17 @@ def tune_job(cfg: DictConfig, run_dir: Path, tags: dict[str, str] | None = None)
         project_name="tuner",
         overwrite=False,  # an interrupted search continues; finished trials are not trained again
     )
+    role = search_cluster.role()
+    if role == "worker":
+        return _search_as_worker(cfg, tuner)
     search_tags = {**(tags or {}), "kind": "search", "run_dir": str(run_dir.resolve())}
-    with tracking.job_run(cfg, manifest, search_tags, data.params(), run_name=f"search {tracking.run_label(cfg)}"):
-        tuner.search()
+    with tracking.job_run(cfg, manifest, search_tags, data.params(), run_name=f"search {tracking.run_label(cfg)}") as (run, _):
+        tuner.parent_run_id = run.info.run_id
+        if role == "chief":
+            search_cluster.publish_search_run(run.info.experiment_id, run.info.run_id)
+            search_cluster.serve_oracle(tuner)
+        else:
+            tuner.search()
         feature_cache.remove_files(run_dir)
         finished = tuner.oracle.get_best_trials(num_trials=len(tuner.oracle.trials))
         best = best_within_budget(finished, cfg.tuner.max_latency_ms)
@@ -145,6 +155,14 @@ def tune_job(cfg: DictConfig, run_dir: Path, tags: dict[str, str] | None = None)
                           data=data, nested=True)
         mlflow.log_metrics({f"best.{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     return metrics
+
+
+def _search_as_worker(cfg: DictConfig, tuner: TwoPhaseTuner) -> None:
+    """A worker of a distributed search: run the chief's trials under the chief's search run, until none is left."""
+    tuner.parent_run_id = search_cluster.chief_search_run(cfg.mlflow, tuner.oracle)
+    tuner.search()
+    feature_cache.remove_files(Path(tuner.project_dir).parent)
+    print(f"{tuner.tuner_id}: the chief's oracle has no trial left; the chief retrains the best.", flush=True)
 
 
 def _best_dir(run_dir: Path) -> Path:
