@@ -170,16 +170,16 @@ def train_as_worker(cfg: DictConfig, run_dir: Path, manifest: Manifest, strategy
 
 
 def train_model(cfg: DictConfig, data: PreparedData, run_dir: Path, state: RunState,
-                strategy: tf.distribute.Strategy) -> tuple[keras.Model, dict[str, PhaseResult]]:
+                strategy: tf.distribute.Strategy) -> tuple[keras.Model, dict[str, PhaseResult], dict[str, Any]]:
     """Build the classifier and train (or resume) both phases inside the strategy's scope, so its variables
-    and both phases' optimizers live on every replica."""
+    and both phases' optimizers live on every replica; the model, each phase's result and what the feeds did."""
     class_weight = (balanced_class_weight(data.splits["train"].labels, data.num_classes)
                     if cfg.head.class_weight == "auto" else None)
     with strategy.scope():
         model = build_classifier(cfg, data.num_classes)
         feeds = data.feeds(cfg, model, run_dir, strategy.num_replicas_in_sync)
         phases = train_two_phases(model, cfg, feeds, run_dir, state, class_weight)
-    return model, phases
+    return model, phases, feeds.record
 
 
 def stage_wanted(cfg: DictConfig, stage: str) -> bool:
@@ -220,7 +220,7 @@ class _Stages:
         weights_source = resolve_weights(BACKBONES[cfg.backbone.name], cfg.backbone, cfg.weights_dir)
         print(f"{cfg.backbone.name} with weights: {weights_source}; {len(data.folder.paths)} images in "
               f"{data.num_classes} classes")
-        model, phases = train_model(cfg, data, self.run_dir, self.state, self.strategy)
+        model, phases, feed_record = train_model(cfg, data, self.run_dir, self.state, self.strategy)
         interrupts.check()
         partial = self.run_dir / "model.partial.keras"  # a kill during the save leaves no half model.keras
         model.save(partial)
@@ -236,7 +236,7 @@ class _Stages:
             "skipped_images": len(data.folder.skipped),
             "classes": data.folder.class_names,
             "dataset": data.info,
-            **feeds.record,
+            **feed_record,
         })
 
     def evaluate(self) -> None:
