@@ -71,29 +71,27 @@ def test_preprocessing_is_keras_own_preprocess_input(name: str) -> None:
     np.testing.assert_allclose(ours, keras_preprocessed, rtol=1e-5, atol=1e-4)
 
 
-def layer_outputs(tensor: object) -> list[object]:
-    """The layer outputs a tensor is computed from: itself when a layer made it, else (a Keras op between layers,
-    such as MobileNetV3's hard-sigmoid arithmetic) those of the op's inputs."""
+def entering(tensor: object, block: str, placed: dict[str, str | None]) -> set[int]:
+    """The tensor, if it comes into `block` from outside; a Keras op between layers (MobileNetV3's hard-sigmoid
+    arithmetic, ConvNeXt's residual add) counts as inside when every input it is made from is."""
     operation = tensor._keras_history.operation
     if isinstance(operation, keras.layers.Layer) or not operation._inbound_nodes:
-        return [tensor]
-    return [source for given in keras.tree.flatten(operation._inbound_nodes[0].input_tensors)
-            for source in layer_outputs(given)]
+        inside = isinstance(operation, keras.layers.Layer) and placed.get(operation.name) == block
+        return set() if inside else {id(tensor)}
+    given = keras.tree.flatten(operation._inbound_nodes[0].input_tensors)
+    return {id(tensor)} if any(entering(source, block, placed) for source in given) else set()
 
 
 def entering_tensors(backbone: keras.Model, placed: dict[str, str | None]) -> dict[str, int]:
-    """How many distinct layer outputs from outside each block feed its layers (through Keras ops, if any)."""
+    """How many distinct tensors from outside each block feed its layers."""
     outside: dict[str, set[int]] = {}
     for layer in backbone.layers:
         block = placed[layer.name]
         if block is None or block == "final":
             continue
         for given in keras.tree.flatten(layer._inbound_nodes[0].input_tensors):
-            for tensor in layer_outputs(given):
-                producer = tensor._keras_history.operation
-                if not (isinstance(producer, keras.layers.Layer) and placed.get(producer.name) == block):
-                    outside.setdefault(block, set()).add(id(tensor))
-    return {block: len(tensors) for block, tensors in outside.items()}
+            outside.setdefault(block, set()).update(entering(given, block, placed))
+    return {block: len(tensors) for block, tensors in outside.items() if tensors}
 
 
 @pytest.mark.parametrize("name", EVERY_BACKBONE)

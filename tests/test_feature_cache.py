@@ -161,7 +161,7 @@ def test_shuffled_cache_batches_come_in_the_image_pipelines_order(tiny_images: P
     positions = np.arange(len(train.labels), dtype="float32")[:, None]
     order = np.concatenate([x for x, _ in cached_batches([positions], one_hot, 8, shuffle_seed=5)])[:, 0].astype(int)
     assert list(order) != sorted(order)
-    np.testing.assert_array_equal(shuffled, load_images(train.paths, 32)[order])
+    np.testing.assert_array_equal(shuffled, load_images(train, 32)[order])
 
 
 def feeds(cfg, data: PreparedData, folder: Path) -> CachedFeeds:

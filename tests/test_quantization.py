@@ -14,7 +14,7 @@ from PIL import Image
 
 from finetune import quantization
 from finetune.artifacts import TFLitePredictor
-from finetune.dataset import Split
+from finetune.dataset import FileSource, Split
 from finetune.export import int8_data
 from finetune.quantization import Candidate, Int8Data, Verdicts, choose, choose_int8
 
@@ -330,7 +330,7 @@ def test_the_recipe_is_chosen_on_validation_images_only(tmp_path: Path, monkeypa
             path = tmp_path / f"{split}{index}.png"
             Image.fromarray(np.full((8, 8, 3), grey, np.uint8)).save(path)
             paths.append(str(path))
-        splits[split] = Split(paths, [0, 1, 0, 1])
+        splits[split] = Split(paths, [0, 1, 0, 1], FileSource(tmp_path))
     data = int8_data(OmegaConf.create({"seed": 0, "backbone": {"input_size": SIZE},
                                       "export": {"representative_images": 2}}), splits)
     assert (data.val_images == 150).all() and list(data.val_labels) == [0, 1, 0, 1]
