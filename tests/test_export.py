@@ -34,7 +34,7 @@ from finetune.tracking import tracked_run
 SIZE = 64
 CLASSES = ["a", "b", "c"]
 EXPORT_CFG = OmegaConf.create({"formats": list(FORMATS), "representative_images": 20,
-                               "int8": {"max_drop": 0.01, "integer_only": False, "max_slowdown": 2.0},
+                               "int8": {"max_drop": 1.0, "integer_only": False, "max_slowdown": 2.0},  # plain int8 kept: recipes in test_quantization
                                "tolerance": {"float32": 1e-3, "float16": 5e-2}})
 LATENCY_CFG = OmegaConf.create({"format": "tflite_float32", "threads": 1, "keras_threads": None, "warmup": 1, "runs": 3})
 METADATA = {
