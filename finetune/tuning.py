@@ -11,7 +11,7 @@ import keras_tuner as kt
 import mlflow
 from omegaconf import DictConfig, OmegaConf
 
-from finetune import cost, feature_cache, interrupts, search_cluster, tracking
+from finetune import cost, feature_cache, interrupts, search_cluster, tracking, trial_memory
 from finetune.backbone_search import trial_backbone
 from finetune.model import build_classifier
 from finetune.export import calibration_images
@@ -60,7 +60,7 @@ class TwoPhaseTuner(kt.Tuner):
 
     def run_trial(self, trial: kt.engine.trial.Trial, *args: Any, **kwargs: Any) -> dict[str, float]:
         interrupts.check()
-        keras.backend.clear_session()  # memory stays flat from trial to trial
+        keras.backend.clear_session()  # the previous trial's model and graphs go (see trial_memory)
         hp = trial.hyperparameters
         trial_cfg = self.hypermodel.trial_config(hp)
         seed_everything(trial_cfg.seed, trial_cfg.deterministic)
@@ -72,7 +72,8 @@ class TwoPhaseTuner(kt.Tuner):
             mlflow.log_params({f"hp.{k}": v for k, v in hp.values.items()})
             mlflow.log_params({key: OmegaConf.select(trial_cfg, key) for key in TRIAL_PARAMS})
             feeds = self.data.feeds(trial_cfg, model, Path(self.project_dir).parent)  # one cache folder for all trials
-            phases = train_two_phases(model, trial_cfg, feeds, trial_dir, RunState(trial_dir / "state.json"))
+            with trial_memory.released_training_graphs():  # with clear_session, memory stays flat (keras-tuner#395)
+                phases = train_two_phases(model, trial_cfg, feeds, trial_dir, RunState(trial_dir / "state.json"))
             shipped, keras_figure = model_latencies(model, trial_cfg, lambda: calibration_images(trial_cfg, self.data.splits))
             budget = self.cfg.tuner.max_latency_ms
             metrics = {
