@@ -46,8 +46,8 @@ def test_training_inside_the_release_leaves_no_graphs_and_outside_it_does() -> N
 def test_a_finished_trial_leaves_no_graphs(tmp_path: Path, tiny_images: Path) -> None:
     cfg = compose(quick_overrides(
         tiny_images, tmp_path / "search", "mode=tune", "tuner.max_trials=1", "tuner.phase1_epochs=1",
-        "tuner.phase2_epochs=1", f"data.cache_dir={tmp_path / 'cache'}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        f"mlflow.artifact_location={tmp_path / 'artifacts'}"))
+        "tuner.phase2_epochs=1", f"data.cache_dir={tmp_path / 'cache'}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", f"mlflow.artifact_location={tmp_path / 'artifacts'}"))
     data = prepare_data(cfg)
     tuner = TwoPhaseTuner(cfg, data, oracle=make_oracle(cfg.tuner, cfg.seed),
                           hypermodel=FinetuneHyperModel(cfg, data.num_classes), directory=str(tmp_path),
