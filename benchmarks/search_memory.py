@@ -68,7 +68,8 @@ def overrides(args: argparse.Namespace, scratch: Path) -> list[str]:
     common = ["mode=tune", "backbone=mobilenet_v2", "tuner.alpha=[0.35,1.0]", f"tuner.max_trials={args.trials}",
               "tuner.phase1_epochs=1", "tuner.phase2_epochs=1", "train.phase1.epochs=1", "train.phase2.epochs=1",
               "latency.warmup=2", "latency.runs=10", "export.formats=[]", "data=folder",
-              f"mlflow.tracking_uri=sqlite:///{scratch / 'mlflow.db'}", f"mlflow.artifact_location={scratch / 'artifacts'}"]
+              f"data.cache_dir={scratch / 'cache'}", f"mlflow.tracking_uri=sqlite:///{scratch / 'mlflow.db'}",
+              f"mlflow.artifact_location={scratch / 'artifacts'}"]
     if args.quick:
         return [*common, "backbone.weights=null", "backbone.input_size=32", "data.batch_size=8",
                 f"data.path={synthetic_images(scratch / 'images')}"]
