@@ -12,8 +12,10 @@ Hydra app runs it) with a timer around each stage and the parts of it: the scan,
 into training steps, per-epoch validation and the rest of each epoch, which is mostly waiting for the
 augmented batches), model.save, the evaluation, the latency timing (SavedModel, conversion, LiteRT and
 Keras timing), the MLflow record and model logging, and the export (each format's conversion, the
-int8 calibration, the parity and latency measurement of each artifact, MLflow's copy of the bundle).
-A part's seconds are included in its stage's; a function that runs in two stages is counted in each.
+int8 calibration and recipe choice, the parity and latency measurement of each artifact, MLflow's copy of the bundle).
+A part's seconds are included in its stage's, and parts may nest (a conversion inside an int8 recipe's
+row is in both); a function that runs in two stages is counted in each. The scan and decoded-image caches
+start empty (data.cache_dir in the temporary folder), as on a run's first time over a folder.
 After the run, one epoch of the training input alone is timed with and without augmentation.
 """
 
@@ -44,6 +46,7 @@ class Profile:
         self.seconds: dict[tuple[str, str], float] = defaultdict(float)
         self.calls: dict[tuple[str, str], int] = defaultdict(int)
         self.stage = "prepare"  # before the first stage: manifest, scan, split, lists, MLflow run started
+        self.epoch_ends: dict[str, float] = {}  # callbacks' on_epoch_end seconds in the current epoch
         self.started = time.perf_counter()
 
     @contextlib.contextmanager
@@ -105,17 +108,19 @@ def epoch_timer(profile: Profile) -> Any:
 
         def on_epoch_end(self, epoch: int, logs: Any = None) -> None:  # runs last: the others' epoch ends are timed
             whole = time.perf_counter() - self.epoch_start
-            callbacks = profile.seconds.pop(("callbacks", "epoch end"), 0.0)
+            callbacks = {name: profile.epoch_ends.pop(name, 0.0) for name in list(profile.epoch_ends)}
             profile.add("fit: training steps", self.steps)
             profile.add("fit: validation pass", self.validation)
-            profile.add("fit: epoch-end callbacks (checkpoints, backup, records)", callbacks)
-            profile.add("fit: the rest (waiting for input batches, Keras)", whole - self.steps - self.validation - callbacks)
+            for name, seconds in callbacks.items():
+                profile.add(f"fit: epoch end of {name}", seconds)
+            profile.add("fit: the rest (waiting for input batches, Keras)",
+                        whole - self.steps - self.validation - sum(callbacks.values()))
 
     return EpochTimer()
 
 
 def time_callbacks(profile: Profile, callback_classes: list[type]) -> None:
-    """Add the on_epoch_end seconds of these callbacks to a running total the EpochTimer reads."""
+    """Add the on_epoch_end seconds of these callbacks to the totals the EpochTimer reads at each epoch's end."""
     for callback_class in callback_classes:
         on_epoch_end = callback_class.on_epoch_end
 
@@ -124,7 +129,8 @@ def time_callbacks(profile: Profile, callback_classes: list[type]) -> None:
             try:
                 return _original(callback, *args, **kwargs)
             finally:
-                profile.seconds["callbacks", "epoch end"] += time.perf_counter() - start
+                name = type(callback).__name__
+                profile.epoch_ends[name] = profile.epoch_ends.get(name, 0.0) + time.perf_counter() - start
 
         callback_class.on_epoch_end = timed
 
@@ -133,7 +139,7 @@ def instrument(profile: Profile) -> None:
     """Put timers around the stages of run._Stages and the expensive calls inside them."""
     import keras
 
-    from finetune import bundle, checkpoints, export, run, shipped, tracking, trainer
+    from finetune import bundle, checkpoints, export, model_files, quantization, run, shipped, tracking, trainer
 
     run_stage = run._Stages.run
 
@@ -161,17 +167,19 @@ def instrument(profile: Profile) -> None:
         (run, "evaluate", "evaluate (val and test)"),
         (run, "save_confusion_matrix", None),
         (run, "save_training_curves", None),
-        (shipped, "write_saved_model", "SavedModel (serving_float only)"),
-        (shipped, "convert_tflite", "convert the headline format"),
+        (model_files, "write_saved_model", "write the SavedModel"),
+        (model_files, "convert_tflite", lambda saved_model, fmt, *rest: f"convert {fmt} (tflite_int8: plain)"),
         (shipped, "measure_tflite_latency", "time the headline TFLite file"),
         (shipped, "measure_keras_latency", "time the Keras model"),
-        (run, "calibration_images", "load the int8 calibration images"),
-        (export, "calibration_images", "load the int8 calibration images"),
+        (export, "calibration_images", "load int8 calibration images"),
         (mlflow_module(), "log_artifact", "MLflow log_artifact"),
         (tracking, "log_keras_model", "MLflow log_model"),
-        (export, "load_images", "decode the test (and calibration) images"),
-        (bundle, "write_saved_model", "SavedModel (serve and serving_float)"),
-        (bundle, "convert_tflite", lambda saved_model, fmt, *rest: f"convert {fmt}"),
+        (export, "load_images", "decode the test, validation and calibration images"),
+        (quantization, "choose_int8", "choose the int8 recipe (validation split)"),
+        (quantization, "_timed", lambda recipe, *rest: f"int8 recipe {recipe}: its file (converted, or the run's)"),
+        (quantization, "float_op_candidates", "int8_float_ops: rank the ops, quantize (each candidate)"),
+        (quantization, "tflite_predictions", "int8 candidates on the validation split"),
+        (quantization, "tflite_latency_ms", "time each int8 candidate"),
         (bundle, "add_metadata", "TFLite metadata"),
         (bundle, "load_predictor", "load each artifact's predictor"),
         (bundle, "measure_artifact", lambda model, bundle_dir, fmt, *rest: f"measure {fmt} (parity, latency)"),
@@ -235,7 +243,8 @@ def main() -> None:
         run_dir = Path(args.out) if args.out else scratch / "run"
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg = compose([*DEFAULT_RUN, f"mlflow.tracking_uri=sqlite:///{scratch / 'mlflow.db'}",
-                       f"mlflow.artifact_location={scratch / 'artifacts'}", *args.overrides])
+                       f"mlflow.artifact_location={scratch / 'artifacts'}", f"data.cache_dir={scratch / 'cache'}",
+                       *args.overrides])
         validate(cfg)
         profile.started = time.perf_counter()
         run_job(cfg, run_dir)

@@ -113,11 +113,16 @@ class Int8Choice:
         }
 
 
-def choose_int8(model: keras.Model, saved_model: Path, data: Int8Data, export_cfg: Any, latency_cfg: Any) -> Int8Choice:
+def choose_int8(model: keras.Model, saved_model: Path, data: Int8Data, export_cfg: Any, latency_cfg: Any,
+                plain: Callable[[], bytes] | None = None) -> Int8Choice:
     """Try the recipes in order on the validation split; keep the first within export.int8.max_drop and
-    export.int8.max_slowdown (else the one that lost least among those fast enough)."""
+    export.int8.max_slowdown (else the one that lost least among those fast enough).
+
+    plain: gives the plain int8 file when the run makes it anyway (its headline latency, `model_files`);
+    None converts it here.
+    """
     float_predictions = np.asarray(model.predict(data.val_images.astype("float32"), verbose=0)).argmax(-1)
-    recipes = candidates(saved_model, data, export_cfg.representative_images, export_cfg.int8.integer_only)
+    recipes = candidates(saved_model, data, export_cfg.representative_images, export_cfg.int8.integer_only, plain)
     predict = partial(tflite_predictions, images=data.val_images)
     max_slowdown = export_cfg.int8.max_slowdown
     verdicts = Verdicts(float_predictions, data.val_labels, export_cfg.int8.max_drop,
@@ -195,11 +200,16 @@ def _attempt(candidate: Candidate, measured: dict[str, float]) -> dict[str, Any]
     }
 
 
-def candidates(saved_model: Path, data: Int8Data, representative_images: int, integer_only: bool) -> Iterator[Candidate]:
-    """The recipes' files in order, each converted only when asked for (the previous one was not good enough)."""
+def candidates(saved_model: Path, data: Int8Data, representative_images: int, integer_only: bool,
+               plain: Callable[[], bytes] | None = None) -> Iterator[Candidate]:
+    """The recipes' files in order, each converted only when asked for (the previous one was not good enough).
+
+    plain: gives the first recipe's file, calibrated on the first `representative_images` training images
+    (None: converted here).
+    """
     images = cache(data.training_images)  # loaded once, when a recipe first needs them
     base = min(representative_images, data.training_count)
-    yield _timed("int8", base, lambda: convert_int8(saved_model, images(base)))
+    yield _timed("int8", base, plain or (lambda: convert_int8(saved_model, images(base))))
     more = min(2 * representative_images, data.training_count)
     if more > base:
         yield _timed("int8_more_calibration", more, lambda: convert_int8(saved_model, images(more)))
