@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import tempfile
 import time
 from collections import defaultdict
@@ -63,15 +64,28 @@ class Profile:
 
     def wrap(self, owner: Any, name: str, part: str | Callable[..., str] | None = None) -> None:
         """Time every call of owner.name (a module's function or a class's method) as `part`
-        (a name, or a function of the call's arguments that gives one)."""
+        (a name, or a function of the call's arguments that gives one); a generator's items too."""
         function = getattr(owner, name)
 
         def timed(*args: Any, **kwargs: Any) -> Any:
             label = part(*args, **kwargs) if callable(part) else part or name
             with self.timing(label):
-                return function(*args, **kwargs)
+                result = function(*args, **kwargs)
+            return self._timed_items(label, result) if inspect.isgenerator(result) else result
 
         setattr(owner, name, timed)
+
+    def _timed_items(self, part: str, generator: Iterator[Any]) -> Iterator[Any]:
+        """The generator's items, the time each takes to make added to `part` (not to its calls)."""
+        while True:
+            start = time.perf_counter()
+            try:
+                item = next(generator)
+            except StopIteration:
+                return
+            finally:
+                self.seconds[self.stage, part] += time.perf_counter() - start
+            yield item
 
     def table(self, total: float) -> str:
         lines = ["| stage | part | calls | seconds | share of the run |", "|---|---|---|---|---|"]
@@ -177,7 +191,7 @@ def instrument(profile: Profile) -> None:
         (export, "load_images", "decode the test, validation and calibration images"),
         (quantization, "choose_int8", "choose the int8 recipe (validation split)"),
         (quantization, "_timed", lambda recipe, *rest: f"int8 recipe {recipe}: its file (converted, or the run's)"),
-        (quantization, "float_op_candidates", "int8_float_ops: rank the ops, quantize (each candidate)"),
+        (quantization, "float_op_candidates", "int8_float_ops: calibrate, rank the ops, quantize each candidate"),
         (quantization, "tflite_predictions", "int8 candidates on the validation split"),
         (quantization, "tflite_latency_ms", "time each int8 candidate"),
         (bundle, "add_metadata", "TFLite metadata"),
