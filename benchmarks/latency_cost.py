@@ -7,8 +7,9 @@ e.g.
     python benchmarks/latency_cost.py --size 32                      # the tests' tiny model, random weights
     python benchmarks/latency_cost.py --weights ../shared/weights/mobilenet_v3_small_1.0_224_no_top__dequant_slim_uint8_tflite.h5
     python benchmarks/latency_cost.py --weights ... --format tflite_int8 --calibration 500
-Builds the default head on MobileNetV3Small, then runs finetune.shipped.shipped_latency (as a run's `time`
-stage and every tuner trial do) and the Keras timing, and prints the seconds each part took.
+Builds the default head on MobileNetV3Small, then runs finetune.shipped.shipped_latency as every tuner trial
+does (a run that exports makes these files once for its `time` stage and its bundle: finetune.model_files) and
+the Keras timing, and prints the seconds each part took.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from finetune import bundle, cost, shipped
+from finetune import bundle, cost, model_files, shipped
 from finetune.dataset import Split, load_images, scan_folder
 from finetune.model import build_classifier
 
@@ -56,8 +57,8 @@ def main() -> None:
     model = build_classifier(model_cfg, 5)
     latency_cfg = OmegaConf.create({"format": args.format, "threads": 1, "keras_threads": None, "warmup": 10, "runs": 50})
     seconds: dict[str, float] = {}
-    shipped.write_saved_model = timed(seconds, "SavedModel", bundle.write_saved_model)
-    shipped.convert_tflite = timed(seconds, "conversion", bundle.convert_tflite)
+    model_files.write_saved_model = timed(seconds, "SavedModel", bundle.write_saved_model)
+    model_files.convert_tflite = timed(seconds, "conversion", bundle.convert_tflite)
     shipped.measure_tflite_latency = timed(seconds, "timing", cost.measure_tflite_latency)
     flowers = scan_folder(SHARED_FLOWERS)
     images = Split(flowers.paths[:args.calibration], flowers.labels[:args.calibration], flowers.source)
@@ -65,7 +66,8 @@ def main() -> None:
     for _ in range(args.repeats):
         seconds.clear()
         start = time.perf_counter()
-        latency = shipped.shipped_latency(model, latency_cfg, calibration)
+        with model_files.ModelFiles(model, None, calibration) as files:  # as a tuner trial makes them
+            latency = shipped.shipped_latency(files, latency_cfg)
         total = time.perf_counter() - start
         start = time.perf_counter()
         keras_figure = cost.measure_latency(model, 10, 50)

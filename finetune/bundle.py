@@ -6,7 +6,7 @@ import json
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
@@ -15,7 +15,6 @@ import tensorflow as tf
 from finetune import quantization
 from finetune.artifacts import (
     FLOAT_FORMATS,
-    SAVED_MODEL_DIR,
     ExportError,
     TFLITE_FORMATS,
     TFLitePredictor,
@@ -32,6 +31,9 @@ from finetune.cost import (
     time_calls,
 )
 from finetune.tflite_metadata import add_metadata
+
+if TYPE_CHECKING:  # finetune.model_files makes its files with this module's writers
+    from finetune.model_files import ModelFiles
 
 
 @dataclass
@@ -94,45 +96,49 @@ def convert_tflite(saved_model: Path, fmt: str, representative: np.ndarray | Non
 
 
 def export_bundle(
-    model: keras.Model,
+    files: ModelFiles,
     out_dir: Path,
     *,
     class_names: list[str],
     test_images: np.ndarray,
     test_labels: np.ndarray,
-    int8_data: quantization.Int8Data,
+    int8_data: quantization.Int8Data | None,
     export_cfg: Any,
     latency_cfg: Any,
-    top_k: int,
     metadata: dict[str, Any],
 ) -> list[ArtifactReport]:
-    """Write every requested format into out_dir, measure each on the test split, and check float parity.
+    """Write every requested format of the model into out_dir, measure each on the test split, and check float parity.
 
-    The int8 file's recipe is chosen on int8_data's validation split (`quantization`), never on the test split.
+    files: the model and its files (`model_files`); the bundle copies them, so a file the run made already
+    (its model.keras, the SavedModel and the headline TFLite file of its `time` stage) is not made again.
+    The int8 file's recipe is chosen on int8_data's validation split (`quantization`), never on the test split
+    (int8_data: None when formats has no tflite_int8).
     The bundle is built in a sibling `.partial` folder and moved into place only when complete (`bundle_folder`).
     """
-    formats = list(export_cfg.formats)
+    model, formats = files.model, list(export_cfg.formats)
     with building(out_dir) as partial:
-        model.save(artifact_path(partial, "keras"))
-        write_saved_model(model, partial / SAVED_MODEL_DIR, top_k)
+        if "keras" in formats:
+            shutil.copyfile(files.keras(), artifact_path(partial, "keras"))
+        if "saved_model" in formats:
+            shutil.copytree(files.saved_model(), artifact_path(partial, "saved_model"))
         (partial / LABELS_FILE).write_text("".join(name + "\n" for name in class_names))
         int8 = None
         if "tflite_int8" in formats:
-            int8 = quantization.choose_int8(model, partial / SAVED_MODEL_DIR, int8_data, export_cfg, latency_cfg)
-        for fmt in formats:
-            if fmt in TFLITE_FORMATS:
-                tflite = int8.model if fmt == "tflite_int8" else convert_tflite(partial / SAVED_MODEL_DIR, fmt)
-                artifact_path(partial, fmt).write_bytes(tflite)
-                add_metadata(artifact_path(partial, fmt), partial / LABELS_FILE, metadata)
+            int8 = quantization.choose_int8(model, files.saved_model(), int8_data, export_cfg, latency_cfg,
+                                            plain=lambda: files.tflite("tflite_int8").read_bytes())
+        for fmt in (fmt for fmt in formats if fmt in TFLITE_FORMATS):
+            path = artifact_path(partial, fmt)
+            if fmt == "tflite_int8":
+                path.write_bytes(int8.model)
+            else:
+                shutil.copyfile(files.tflite(fmt), path)
+            add_metadata(path, partial / LABELS_FILE, metadata)
 
         reference = np.asarray(model.predict(test_images.astype("float32"), batch_size=32, verbose=0))
         reports = [
             measure_artifact(model, partial, fmt, test_images, test_labels, reference, export_cfg, latency_cfg)
             for fmt in formats
         ]
-        for fmt in ("keras", "saved_model"):
-            if fmt not in formats:  # written only as the reference or the conversion source
-                _remove(artifact_path(partial, fmt))
         if int8:
             int8_report = asdict(next(r for r in reports if r.format == "tflite_int8"))
             float_test_accuracy = float(np.mean(reference.argmax(-1) == test_labels))
@@ -249,9 +255,3 @@ def latency_paragraph(latency: dict[str, Any], machine: str) -> str:
             text += f" Other processes kept {headline['other_cores']:.1f} cores busy while it was timed."
     return text
 
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    else:
-        path.unlink()

@@ -24,6 +24,7 @@ from finetune.bundle import ArtifactReport, artifact_table, export_bundle
 from finetune.bundle_folder import METADATA_FILE
 from finetune.config import CONF_DIR, UsageError, validate_export
 from finetune.dataset import Split, load_images, read_splits
+from finetune.model_files import ModelFiles
 from finetune.quantization import Int8Data, summary
 from finetune.runfolder import MANIFEST_FILE, Manifest
 from finetune.sources import source_of
@@ -33,14 +34,14 @@ BUNDLE_DIR = "export"
 
 def export_run(
     cfg: DictConfig,
-    model: keras.Model,
+    files: ModelFiles,
     class_names: list[str],
     splits: dict[str, Split],
     dataset: dict[str, Any],
     bundle_dir: Path,
     headline: dict[str, Any] | None = None,
 ) -> list[ArtifactReport]:
-    """Build the bundle for a trained model and record it in the active MLflow run.
+    """Build the bundle for a trained model from its files (`bundle_files`) and record it in the active MLflow run.
 
     headline: the run's own latency protocol and figures (metrics.json `latency_protocol`), for the model card.
     """
@@ -58,15 +59,14 @@ def export_run(
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     reports = export_bundle(
-        model,
+        files,
         bundle_dir,
         class_names=class_names,
         test_images=test_images,
         test_labels=np.asarray(splits["test"].labels),
-        int8_data=int8_data(cfg, splits),
+        int8_data=int8_data(cfg, splits) if "tflite_int8" in cfg.export.formats else None,
         export_cfg=cfg.export,
         latency_cfg=cfg.latency,
-        top_k=cfg.evaluate.top_k,
         metadata=metadata,
     )
     print(f"\nExport bundle in {bundle_dir} (measured on {len(test_images)} test images):\n{artifact_table([asdict(r) for r in reports])}")
@@ -76,6 +76,12 @@ def export_run(
     if run:
         _log_bundle(bundle_dir, reports)
     return reports
+
+
+def bundle_files(cfg: DictConfig, model: keras.Model, splits: dict[str, Split], keras_file: Path) -> ModelFiles:
+    """The files a run's `time` and `export` stages share; the SavedModel gets `serve` when the bundle ships it."""
+    top_k = cfg.evaluate.top_k if "saved_model" in cfg.export.formats else None
+    return ModelFiles(model, top_k, partial(calibration_images, cfg, splits), keras_file)
 
 
 def int8_data(cfg: DictConfig, splits: dict[str, Split]) -> Int8Data:
@@ -141,8 +147,9 @@ def export_saved_run(run_dir: Path, formats: list[str] | None) -> list[ArtifactR
     dataset = metrics["dataset"]
     splits = read_splits(run_dir / "data_splits.csv", source_of(dataset), metrics["classes"])
     model = keras.saving.load_model(run_dir / "model.keras", safe_mode=True)
-    with tracking.tracked_run(cfg.mlflow, mlflow_run.get("run_id"), {}):
-        return export_run(cfg, model, metrics["classes"], splits, dataset, run_dir / BUNDLE_DIR,
+    with (tracking.tracked_run(cfg.mlflow, mlflow_run.get("run_id"), {}),
+          bundle_files(cfg, model, splits, run_dir / "model.keras") as files):
+        return export_run(cfg, files, metrics["classes"], splits, dataset, run_dir / BUNDLE_DIR,
                           metrics.get("latency_protocol"))
 
 

@@ -30,6 +30,7 @@ its int16 input would be symmetric (zero point 0, scale 255/32767), so it cannot
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
@@ -112,11 +113,16 @@ class Int8Choice:
         }
 
 
-def choose_int8(model: keras.Model, saved_model: Path, data: Int8Data, export_cfg: Any, latency_cfg: Any) -> Int8Choice:
+def choose_int8(model: keras.Model, saved_model: Path, data: Int8Data, export_cfg: Any, latency_cfg: Any,
+                plain: Callable[[], bytes] | None = None) -> Int8Choice:
     """Try the recipes in order on the validation split; keep the first within export.int8.max_drop and
-    export.int8.max_slowdown (else the one that lost least among those fast enough)."""
+    export.int8.max_slowdown (else the one that lost least among those fast enough).
+
+    plain: gives the plain int8 file when the run makes it anyway (its headline latency, `model_files`);
+    None converts it here.
+    """
     float_predictions = np.asarray(model.predict(data.val_images.astype("float32"), verbose=0)).argmax(-1)
-    recipes = candidates(saved_model, data, export_cfg.representative_images, export_cfg.int8.integer_only)
+    recipes = candidates(saved_model, data, export_cfg.representative_images, export_cfg.int8.integer_only, plain)
     predict = partial(tflite_predictions, images=data.val_images)
     max_slowdown = export_cfg.int8.max_slowdown
     verdicts = Verdicts(float_predictions, data.val_labels, export_cfg.int8.max_drop,
@@ -194,11 +200,16 @@ def _attempt(candidate: Candidate, measured: dict[str, float]) -> dict[str, Any]
     }
 
 
-def candidates(saved_model: Path, data: Int8Data, representative_images: int, integer_only: bool) -> Iterator[Candidate]:
-    """The recipes' files in order, each converted only when asked for (the previous one was not good enough)."""
+def candidates(saved_model: Path, data: Int8Data, representative_images: int, integer_only: bool,
+               plain: Callable[[], bytes] | None = None) -> Iterator[Candidate]:
+    """The recipes' files in order, each converted only when asked for (the previous one was not good enough).
+
+    plain: gives the first recipe's file, calibrated on the first `representative_images` training images
+    (None: converted here).
+    """
     images = cache(data.training_images)  # loaded once, when a recipe first needs them
     base = min(representative_images, data.training_count)
-    yield _timed("int8", base, lambda: convert_int8(saved_model, images(base)))
+    yield _timed("int8", base, plain or (lambda: convert_int8(saved_model, images(base))))
     more = min(2 * representative_images, data.training_count)
     if more > base:
         yield _timed("int8_more_calibration", more, lambda: convert_int8(saved_model, images(more)))
@@ -233,12 +244,19 @@ def full_range_calibration(images: np.ndarray) -> Callable[[], Iterator[list[np.
     return samples
 
 
-def _int8_converter(saved_model: Path, calibration: np.ndarray) -> tf.lite.TFLiteConverter:
-    """Full-integer int8 with raw uint8 pixels in and uint8 probabilities out."""
+def _calibrated_converter(saved_model: Path, calibration: np.ndarray,
+                          supported_ops: list[tf.lite.OpsSet]) -> tf.lite.TFLiteConverter:
+    """A converter of the SavedModel's `serving_float` endpoint, quantizing with ranges calibrated on these images."""
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model), signature_keys=["serving_float"])
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = full_range_calibration(calibration)
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.target_spec.supported_ops = supported_ops
+    return converter
+
+
+def _int8_converter(saved_model: Path, calibration: np.ndarray) -> tf.lite.TFLiteConverter:
+    """Full-integer int8 with raw uint8 pixels in and uint8 probabilities out."""
+    converter = _calibrated_converter(saved_model, calibration, [tf.lite.OpsSet.TFLITE_BUILTINS_INT8])
     converter.inference_input_type = tf.uint8  # raw pixels go straight in
     converter.inference_output_type = tf.uint8
     return converter
@@ -303,14 +321,10 @@ def quantize_except(calibrated_model: bytes, float_nodes: list[str]) -> bytes:
 
 def convert_int16x8(saved_model: Path, calibration: np.ndarray) -> bytes:
     """Recipe 4: 16-bit activations, 8-bit weights, float32 in and out; an op without a 16x8 kernel stays float."""
-    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model), signature_keys=["serving_float"])
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = full_range_calibration(calibration)
-    converter.target_spec.supported_ops = [
+    return _calibrated_converter(saved_model, calibration, [
         tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8,
         tf.lite.OpsSet.TFLITE_BUILTINS,  # hard-swish, for one, has no 16x8 kernel
-    ]
-    return converter.convert()
+    ]).convert()
 
 
 def check_raw_pixel_input(model: bytes) -> None:
@@ -326,18 +340,23 @@ def check_raw_pixel_input(model: bytes) -> None:
 
 def tflite_latency_ms(model: bytes, latency_cfg: Any) -> float:
     """Median batch-1 latency of a TFLite model, timed as the bundle times its files (LiteRT, latency.threads)."""
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "candidate.tflite"
-        path.write_bytes(model)
+    with _candidate_file(model) as path:
         return measure_tflite_latency(path, "candidate", latency_cfg.threads, latency_cfg.warmup, latency_cfg.runs).median_ms
 
 
 def tflite_predictions(model: bytes, images: np.ndarray) -> np.ndarray:
     """Top-1 classes of a TFLite model run by LiteRT (a thread per core), fed as `finetune predict` feeds it."""
+    with _candidate_file(model) as path:
+        return TFLitePredictor(path)(images).argmax(-1)
+
+
+@contextlib.contextmanager
+def _candidate_file(model: bytes) -> Iterator[Path]:
+    """A TFLite model written to a temporary file (what the file-reading LiteRT tools take), deleted after."""
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "candidate.tflite"
         path.write_bytes(model)
-        return TFLitePredictor(path)(images).argmax(-1)
+        yield path
 
 
 def _interpreter(model: bytes) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -27,9 +28,10 @@ from finetune.dataset import (
     split_fingerprint,
     split_folder,
 )
-from finetune.export import BUNDLE_DIR, calibration_images, export_run
+from finetune.export import BUNDLE_DIR, bundle_files, export_run
 from finetune.evaluate import evaluate, save_confusion_matrix, save_training_curves
 from finetune.model import build_classifier
+from finetune.model_files import ModelFiles
 from finetune.sources import scan_data
 from finetune.runfolder import STAGES, Manifest, stage_key, write_json
 from finetune.shipped import model_latencies
@@ -148,10 +150,10 @@ def run_job(
         if started:
             for epoch in state.history():  # a run re-recorded in another store keeps its training curve
                 mlflow.log_metrics({k: v for k, v in epoch.items() if k != "epoch"}, step=epoch["epoch"])
-        stages = _Stages(cfg, run_dir, manifest, state, data, results, strategy)
-        for stage in STAGES:
-            if stage_wanted(cfg, stage):
-                stages.run(stage, getattr(stages, stage))
+        with contextlib.closing(_Stages(cfg, run_dir, manifest, state, data, results, strategy)) as stages:
+            for stage in STAGES:
+                if stage_wanted(cfg, stage):
+                    stages.run(stage, getattr(stages, stage))
     _print_summary(results, run_dir, run.info.run_id, cfg.mlflow.tracking_uri)
     return results
 
@@ -197,6 +199,7 @@ class _Stages:
         self.results = results  # what metrics.json holds
         self.model_path = run_dir / "model.keras"
         self._model: keras.Model | None = None
+        self._files: ModelFiles | None = None
 
     def run(self, stage: str, action: Callable[[], None]) -> None:
         """Run a stage unless its result for these settings is there; record it as done."""
@@ -214,6 +217,18 @@ class _Stages:
         if self._model is None:
             self._model = keras.saving.load_model(self.model_path, safe_mode=True)
         return self._model
+
+    @property
+    def files(self) -> ModelFiles:
+        """The model's files (model.keras, SavedModel, TFLite), each made once for the `time` and `export` stages."""
+        if self._files is None:
+            self._files = bundle_files(self.cfg, self.model, self.data.splits, self.model_path)
+        return self._files
+
+    def close(self) -> None:
+        """Delete the files the stages made."""
+        if self._files is not None:
+            self._files.close()
 
     def train(self) -> None:
         cfg, data = self.cfg, self.data
@@ -260,7 +275,7 @@ class _Stages:
 
     def time(self) -> None:
         cfg, model = self.cfg, self.model
-        shipped, keras_figure = model_latencies(model, cfg, lambda: calibration_images(cfg, self.data.splits))
+        shipped, keras_figure = model_latencies(self.files, cfg)
         self.results.update({
             "params": model.count_params(),
             "macs": cost.count_macs(model),
@@ -285,7 +300,7 @@ class _Stages:
 
     def export(self) -> None:
         data = self.data
-        export_run(self.cfg, self.model, data.folder.class_names, data.splits, data.info, self.run_dir / BUNDLE_DIR,
+        export_run(self.cfg, self.files, data.folder.class_names, data.splits, data.info, self.run_dir / BUNDLE_DIR,
                    self.results["latency_protocol"])
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from finetune import cost, feature_cache, interrupts, search_cluster, tracking, 
 from finetune.backbone_search import trial_backbone
 from finetune.model import build_classifier
 from finetune.export import calibration_images
+from finetune.model_files import ModelFiles
 from finetune.run import PreparedData, latency_metrics, latency_tags, prepare_data, run_job, seed_everything
 from finetune.runfolder import Manifest
 from finetune.shipped import model_latencies
@@ -74,7 +76,8 @@ class TwoPhaseTuner(kt.Tuner):
             feeds = self.data.feeds(trial_cfg, model, Path(self.project_dir).parent)  # one cache folder for all trials
             with trial_memory.released_training_graphs():  # with clear_session, memory stays flat (keras-tuner#395)
                 phases = train_two_phases(model, trial_cfg, feeds, trial_dir, RunState(trial_dir / "state.json"))
-            shipped, keras_figure = model_latencies(model, trial_cfg, lambda: calibration_images(trial_cfg, self.data.splits))
+            with ModelFiles(model, None, partial(calibration_images, trial_cfg, self.data.splits)) as files:
+                shipped, keras_figure = model_latencies(files, trial_cfg)
             budget = self.cfg.tuner.max_latency_ms
             metrics = {
                 "val_accuracy": max(result.best_val_accuracy for result in phases.values()),

@@ -29,6 +29,7 @@ from finetune.bundle import convert_tflite, export_bundle
 from finetune.config import UsageError, compose, validate_export
 from finetune.quantization import Int8Data
 from finetune.model import build_classifier
+from finetune.model_files import ModelFiles
 from finetune.tracking import tracked_run
 
 SIZE = 64
@@ -72,10 +73,17 @@ def bundle(tmp_path_factory: pytest.TempPathFactory, trained_model: keras.Model)
     out = tmp_path_factory.mktemp("export") / "export"
     test_images, test_labels = images_and_labels(12, seed=2)
     no_black_or_white = np.clip(images_and_labels(20, seed=3)[0], 16, 240)  # calibration; int8 input still 0..255
-    reports = export_bundle(trained_model, out, class_names=CLASSES, test_images=test_images, test_labels=test_labels,
-                            int8_data=int8_data(*images_and_labels(9, seed=8), no_black_or_white), export_cfg=EXPORT_CFG,
-                            latency_cfg=LATENCY_CFG, top_k=2, metadata=METADATA)
+    with files_of(trained_model, no_black_or_white) as files:
+        reports = export_bundle(files, out, class_names=CLASSES, test_images=test_images, test_labels=test_labels,
+                                int8_data=int8_data(*images_and_labels(9, seed=8), no_black_or_white),
+                                export_cfg=EXPORT_CFG, latency_cfg=LATENCY_CFG, metadata=METADATA)
     return out, reports
+
+
+def files_of(model: keras.Model, training: np.ndarray) -> ModelFiles:
+    """The model's files as a run makes them: the SavedModel with `serve` (top 2), plain int8 calibrated on
+    the first representative_images training images."""
+    return ModelFiles(model, 2, lambda: training[:EXPORT_CFG.representative_images])
 
 
 def int8_data(val_images: np.ndarray, val_labels: np.ndarray, training: np.ndarray) -> Int8Data:
@@ -175,20 +183,20 @@ def test_failed_export_leaves_no_bundle(tmp_path: Path, trained_model: keras.Mod
 
     monkeypatch.setattr(quantization, "convert_int8", broken)
     images, labels = images_and_labels(4, seed=5)
-    with pytest.raises(RuntimeError, match="converter crashed"):
-        export_bundle(trained_model, tmp_path / "export", class_names=CLASSES, test_images=images, test_labels=labels,
+    with pytest.raises(RuntimeError, match="converter crashed"), files_of(trained_model, images) as files:
+        export_bundle(files, tmp_path / "export", class_names=CLASSES, test_images=images, test_labels=labels,
                       int8_data=int8_data(images, labels, images), export_cfg=EXPORT_CFG, latency_cfg=LATENCY_CFG,
-                      top_k=2, metadata=METADATA)
+                      metadata=METADATA)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_float_drift_beyond_tolerance_fails_loudly(tmp_path: Path, trained_model: keras.Model) -> None:
     strict = OmegaConf.merge(EXPORT_CFG, {"formats": ["tflite_float16"], "tolerance": {"float16": 1e-9}})
     images, labels = images_and_labels(4, seed=6)
-    with pytest.raises(ExportError, match="tflite_float16 differs from the Keras model"):
-        export_bundle(trained_model, tmp_path / "export", class_names=CLASSES, test_images=images, test_labels=labels,
-                      int8_data=int8_data(images, labels, images), export_cfg=strict, latency_cfg=LATENCY_CFG,
-                      top_k=2, metadata=METADATA)
+    with (pytest.raises(ExportError, match="tflite_float16 differs from the Keras model"),
+          files_of(trained_model, images) as files):
+        export_bundle(files, tmp_path / "export", class_names=CLASSES, test_images=images, test_labels=labels,
+                      int8_data=None, export_cfg=strict, latency_cfg=LATENCY_CFG, metadata=METADATA)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -220,6 +220,19 @@ def test_plain_int8_within_budget_is_kept_after_one_conversion(tmp_path: Path) -
     assert [t["recipe"] for t in choice.tried] == ["int8"]
 
 
+def test_a_plain_file_the_run_made_is_the_first_candidate_not_converted_again(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    grey = np.linspace(60, 200, 30)
+    images = solid(grey)
+    saved_model = saved(Brightness(), tmp_path / "sm")
+    plain = quantization.convert_int8(saved_model, images[:20])  # as the run's `time` stage converts it
+    converted, loaded = [], []
+    monkeypatch.setattr(quantization, "convert_int8", lambda *args: converted.append(1))
+    data = Int8Data(images, (grey > 127.5).astype(int), lambda count: loaded.append(count) or images[:count], len(images))
+    choice = choose_int8(KerasLike(Brightness()), saved_model, data, export_cfg(), LATENCY_CFG, plain=lambda: plain)
+    assert (choice.recipe, choice.model, converted, loaded) == ("int8", plain, [], [])
+
+
 def test_more_calibration_images_are_the_second_recipe(tmp_path: Path) -> None:
     """Calibrated on dark images only, int8 clips every bright image to 'dark'; twice the images include bright ones."""
     grey = np.linspace(60, 200, 30)
