@@ -13,7 +13,7 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import tensorflow as tf
@@ -79,13 +79,15 @@ def _decoded_shape(contents: tf.Tensor) -> tf.Tensor:
     return tf.cond(tf.io.is_jpeg(contents), jpeg, other)
 
 
-def decodable(examples: tf.data.Dataset, total: int, description: str) -> Iterator[tuple[int, int]]:
+def decodable(examples: tf.data.Dataset, total: int, description: str,
+              read: Callable[[tf.Tensor], tf.Tensor] | None = None) -> Iterator[tuple[int, int]]:
     """(index, label) of every (index, encoded image, label) element that decodes; the failed ones are left out.
 
+    read: turns the element's second item into the encoded image (e.g. reads a file), in the same parallel call.
     Decoding runs in parallel in tf.data; a progress bar shows on a terminal (stderr).
     """
-    def check(index: tf.Tensor, contents: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        return index, label, _decoded_shape(contents)
+    def check(index: tf.Tensor, item: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        return index, label, _decoded_shape(item if read is None else read(item))
 
     checked = (examples.map(check, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
                .ignore_errors().batch(CHECK_BATCH).prefetch(2))
@@ -93,9 +95,8 @@ def decodable(examples: tf.data.Dataset, total: int, description: str) -> Iterat
         for indices, labels, shapes in checked.as_numpy_iterator():
             interrupts.check()
             bar.update(len(indices))
-            for index, label, (height, width) in zip(indices.tolist(), labels.tolist(), shapes.tolist()):
-                if height > 0 and width > 0:
-                    yield index, label
+            decoded = (shapes > 0).all(axis=1)
+            yield from zip(indices[decoded].tolist(), labels[decoded].tolist())
 
 
 def file_stats(files: list[str]) -> dict[str, Stat]:
@@ -128,9 +129,9 @@ def _check_fresh(files: list[str]) -> dict[str, str | None]:
                if os.path.splitext(path)[1].lower() not in IMAGE_EXTENSIONS}
     images = [path for path in files if path not in reasons]
     if images:
-        examples = tf.data.Dataset.from_tensor_slices((tf.range(len(images), dtype=tf.int64), images))
-        examples = examples.map(lambda index, path: (index, tf.io.read_file(path), tf.constant(0, tf.int64)))
-        passed = {index for index, _ in decodable(examples, len(images), "Checking images")}
+        labels = tf.zeros(len(images), tf.int64)
+        examples = tf.data.Dataset.from_tensor_slices((tf.range(len(images), dtype=tf.int64), tf.constant(images), labels))
+        passed = {index for index, _ in decodable(examples, len(images), "Checking images", read=tf.io.read_file)}
         for index, path in enumerate(images):
             reasons[path] = None if index in passed else (file_reason(Path(path)) or "cannot be decoded")
     return reasons
