@@ -17,10 +17,14 @@ from finetune.artifacts import (
     FLOAT_FORMATS,
     SAVED_MODEL_DIR,
     ExportError,
+    Images,
     TFLITE_FORMATS,
     TFLitePredictor,
     artifact_path,
+    first_image,
+    keras_probabilities,
     load_predictor,
+    predict_batches,
 )
 from finetune.bundle_folder import CARD_FILE, LABELS_FILE, METADATA_FILE, building
 from finetune.cost import (
@@ -98,7 +102,7 @@ def export_bundle(
     out_dir: Path,
     *,
     class_names: list[str],
-    test_images: np.ndarray,
+    test_images: Images,
     test_labels: np.ndarray,
     int8_data: quantization.Int8Data,
     export_cfg: Any,
@@ -107,6 +111,8 @@ def export_bundle(
     metadata: dict[str, Any],
 ) -> list[ArtifactReport]:
     """Write every requested format into out_dir, measure each on the test split, and check float parity.
+
+    test_images: an array, or batches (`dataset.ImageBatches`): each measure reads them one batch at a time.
 
     The int8 file's recipe is chosen on int8_data's validation split (`quantization`), never on the test split.
     The bundle is built in a sibling `.partial` folder and moved into place only when complete (`bundle_folder`).
@@ -125,7 +131,7 @@ def export_bundle(
                 artifact_path(partial, fmt).write_bytes(tflite)
                 add_metadata(artifact_path(partial, fmt), partial / LABELS_FILE, metadata)
 
-        reference = np.asarray(model.predict(test_images.astype("float32"), batch_size=32, verbose=0))
+        reference = predict_batches(lambda batch: keras_probabilities(model, batch), test_images)
         reports = [
             measure_artifact(model, partial, fmt, test_images, test_labels, reference, export_cfg, latency_cfg)
             for fmt in formats
@@ -145,7 +151,7 @@ def measure_artifact(
     model: keras.Model,
     bundle: Path,
     fmt: str,
-    images: np.ndarray,
+    images: Images,
     labels: np.ndarray,
     reference: np.ndarray,
     export_cfg: Any,
@@ -153,13 +159,13 @@ def measure_artifact(
 ) -> ArtifactReport:
     """Accuracy, agreement with Keras and batch-1 latency of one artifact; fails loudly on float drift."""
     predictor = load_predictor(bundle, fmt, latency_cfg.threads)
-    probabilities = predictor(images)
+    probabilities = predict_batches(predictor, images)
     predicted = probabilities.argmax(-1)
     max_diff = float(np.max(np.abs(probabilities - reference)))
     tolerance = export_cfg.tolerance.float16 if fmt == "tflite_float16" else export_cfg.tolerance.float32
     if fmt in FLOAT_FORMATS and max_diff > tolerance:
         raise ExportError(f"{fmt} differs from the Keras model by {max_diff:.2e} in probability (tolerance {tolerance:.0e})")
-    latency = _artifact_latency(model, bundle, predictor, fmt, images[0], latency_cfg)
+    latency = _artifact_latency(model, bundle, predictor, fmt, first_image(images), latency_cfg)
     path = artifact_path(bundle, fmt)
     size = sum(f.stat().st_size for f in path.rglob("*")) if path.is_dir() else path.stat().st_size
     return ArtifactReport(
