@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -235,3 +236,52 @@ def test_a_disk_cache_serves_later_passes_from_data_cache_dir(mode: str, tmp_pat
     np.testing.assert_array_equal(again, expected)
     assert list((tmp_path / "cache" / "decoded").iterdir())  # the snapshot, beside the scan results
     assert all(path.suffix == ".png" or path.name == "broken.jpg" for path in root.rglob("*") if path.is_file())
+
+
+def age(folder: Path, seconds: float) -> None:
+    """Set the times of folder and everything in it to `seconds` ago."""
+    then = time.time() - seconds
+    for path in [folder, *folder.rglob("*")]:
+        os.utime(path, (then, then))
+
+
+def run_folders(snapshot: Path) -> list[str]:
+    return sorted(run.name for graph in snapshot.iterdir() if graph.is_dir() for run in graph.iterdir() if run.is_dir())
+
+
+def test_a_snapshot_cut_short_is_replaced_cleanly_by_the_next_run(tmp_path: Path) -> None:
+    cache = image_cache.ImageCache("disk", tmp_path / "cache")
+    numbers = tf.data.Dataset.range(200).map(lambda x: tf.fill([256], x))
+    cut_short = iter(cache.keep(numbers, "key"))
+    for _ in range(20):  # an epoch interrupted: tf.data leaves the run folder it was writing, never finalized
+        next(cut_short)
+    del cut_short
+    snapshot = tmp_path / "cache" / "decoded" / "key"
+    [partial] = run_folders(snapshot)
+    busy = iter(cache.keep(numbers, "key"))  # another job writing the same snapshot right now: its folder is kept
+    next(busy)
+    assert len(run_folders(snapshot)) == 2
+    del busy
+    age(snapshot, image_cache.STALE_WRITE_SECONDS + 60)  # ... until it has written nothing for a while
+    again = [int(x[0]) for x in cache.keep(numbers, "key").as_numpy_iterator()]
+    assert again == list(range(200))
+    [finished] = run_folders(snapshot)  # the cut ones removed, the whole one kept, and read by the next pass
+    assert finished != partial and image_cache.current_run(next(p for p in snapshot.iterdir() if p.is_dir())) == finished
+    assert [int(x[0]) for x in cache.keep(numbers, "key").as_numpy_iterator()] == again
+    assert run_folders(snapshot) == [finished]
+
+
+def test_snapshots_are_pruned_least_recently_used_first_to_the_disk_budget(tmp_path: Path) -> None:
+    decoded = tmp_path / "cache" / "decoded"
+    for name, used_days_ago in (("old", 30), ("older", 60), ("recent", 2), ("in_use", 0.5)):
+        folder = decoded / name
+        image_cache.claim(folder)
+        (folder / "data").write_bytes(bytes(1000))
+        os.utime(folder / image_cache.MARKER, (time.time() - used_days_ago * 86400,) * 2)
+    (decoded / "not_ours").mkdir()  # a folder without the marker: not the tool's to remove
+    (decoded / "not_ours" / "data").write_bytes(bytes(5000))
+    cache = image_cache.choose("disk", tmp_path / "cache", 1.0, 100, 32, disk_gb=2500 / 1e9)
+    assert cache == image_cache.ImageCache("disk", tmp_path / "cache")
+    assert sorted(path.name for path in decoded.iterdir()) == ["in_use", "not_ours", "recent"]
+    image_cache.choose("disk", tmp_path / "cache", 1.0, 100, 32, disk_gb=1 / 1e9)  # over budget: in use stays
+    assert sorted(path.name for path in decoded.iterdir()) == ["in_use", "not_ours"]
