@@ -98,7 +98,7 @@ def predict_batches(predict: Callable[[np.ndarray], np.ndarray], images: Images)
 
 def keras_probabilities(model: Any, images: np.ndarray) -> np.ndarray:
     """A Keras model's probabilities for a batch of uint8 images: the reference every artifact is held to."""
-    return np.asarray(model.predict(images.astype("float32"), batch_size=32, verbose=0))
+    return np.asarray(model.predict(images.astype("float32"), verbose=0))  # in batches of 32, Keras's default
 
 
 def first_image(images: Images) -> np.ndarray:
