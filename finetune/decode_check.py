@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
@@ -83,19 +84,19 @@ def decodable(examples: tf.data.Dataset, total: int, description: str,
               read: Callable[[tf.Tensor], tf.Tensor] | None = None) -> Iterator[tuple[int, int]]:
     """(index, label) of every (index, encoded image, label) element that decodes; the failed ones are left out.
 
-    index runs over 0..total-1. read: turns the element's second item into the encoded image (e.g. reads a file),
-    in the same parallel call. Images are checked CHECK_GROUP to a tf.data element (~30% less CPU a file than one
-    to an element); a group with an image that fails is dropped whole, so its images are checked again one by one.
-    A progress bar shows on a terminal (stderr).
+    index is the element's position (0..total-1). read: turns the element's second item into the encoded image
+    (e.g. reads a file), in the same parallel call. Images are checked CHECK_GROUP to a tf.data element (~30% less
+    CPU a file than one to an element); a group with an image that fails is dropped whole, so the images of a group
+    none of which passed are checked again one by one. A progress bar shows on a terminal (stderr).
     """
-    passed = set()
+    retry = np.ones(-(-total // CHECK_GROUP), bool)
     with tqdm(total=total, desc=description, unit="img", file=sys.stderr, disable=None, leave=False) as bar:
         for index, label in _passing(examples.batch(CHECK_GROUP), read, bar):
-            passed.add(index)
+            retry[index // CHECK_GROUP] = False
             yield index, label
-        again = tf.constant([index not in passed for index in range(total)], tf.bool)
-        alone = examples.filter(lambda index, *_: tf.gather(again, index)).batch(1)
-        yield from _passing(alone, read, bar)
+        failed_groups = tf.constant(retry)
+        groups = examples.batch(CHECK_GROUP).enumerate().filter(lambda number, _: tf.gather(failed_groups, number))
+        yield from _passing(groups.map(lambda _, group: group).unbatch().batch(1), read, bar)
 
 
 def _passing(groups: tf.data.Dataset, read: Callable[[tf.Tensor], tf.Tensor] | None,
