@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Callable, Iterable, Protocol, Union
 
 import numpy as np
 
@@ -13,6 +13,7 @@ SAVED_MODEL_DIR = "saved_model"
 TFLITE_FORMATS = ("tflite_float32", "tflite_float16", "tflite_dynamic", "tflite_int8")
 FORMATS = ("keras", "saved_model", *TFLITE_FORMATS)
 FLOAT_FORMATS = ("keras", "saved_model", "tflite_float32", "tflite_float16")  # must agree with Keras
+Images = Union[np.ndarray, Iterable[np.ndarray]]  # images in memory, or batches of them (dataset.ImageBatches)
 
 
 class ExportError(Exception):
@@ -83,6 +84,26 @@ class TFLitePredictor:
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         return np.stack([self.run_one(image) for image in images])
+
+
+def batches(images: Images) -> Iterable[np.ndarray]:
+    """The images batch by batch: an array in memory is one batch."""
+    return [images] if isinstance(images, np.ndarray) else images
+
+
+def predict_batches(predict: Callable[[np.ndarray], np.ndarray], images: Images) -> np.ndarray:
+    """predict's outputs for every image, fed one batch at a time (never all the images at once)."""
+    return np.concatenate([predict(batch) for batch in batches(images)])
+
+
+def keras_probabilities(model: Any, images: np.ndarray) -> np.ndarray:
+    """A Keras model's probabilities for a batch of uint8 images: the reference every artifact is held to."""
+    return np.asarray(model.predict(images.astype("float32"), verbose=0))  # in batches of 32, Keras's default
+
+
+def first_image(images: Images) -> np.ndarray:
+    """The first image (what a batch-1 latency is timed on)."""
+    return next(iter(batches(images)))[0]
 
 
 def quantize(values: np.ndarray, scale: float, zero_point: int, dtype: type) -> np.ndarray:

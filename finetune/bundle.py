@@ -16,10 +16,14 @@ from finetune import quantization
 from finetune.artifacts import (
     FLOAT_FORMATS,
     ExportError,
+    Images,
     TFLITE_FORMATS,
     TFLitePredictor,
     artifact_path,
+    first_image,
+    keras_probabilities,
     load_predictor,
+    predict_batches,
 )
 from finetune.bundle_folder import CARD_FILE, LABELS_FILE, METADATA_FILE, building
 from finetune.cost import (
@@ -100,7 +104,7 @@ def export_bundle(
     out_dir: Path,
     *,
     class_names: list[str],
-    test_images: np.ndarray,
+    test_images: Images,
     test_labels: np.ndarray,
     int8_data: quantization.Int8Data | None,
     export_cfg: Any,
@@ -111,6 +115,7 @@ def export_bundle(
 
     files: the model and its files (`model_files`); the bundle copies them, so a file the run made already
     (its model.keras, the SavedModel and the headline TFLite file of its `time` stage) is not made again.
+    test_images: an array, or batches (`dataset.ImageBatches`): each measure reads them one batch at a time.
     The int8 file's recipe is chosen on int8_data's validation split (`quantization`), never on the test split
     (int8_data: None when formats has no tflite_int8).
     The bundle is built in a sibling `.partial` folder and moved into place only when complete (`bundle_folder`).
@@ -134,7 +139,7 @@ def export_bundle(
                 shutil.copyfile(files.tflite(fmt), path)
             add_metadata(path, partial / LABELS_FILE, metadata)
 
-        reference = np.asarray(model.predict(test_images.astype("float32"), batch_size=32, verbose=0))
+        reference = predict_batches(lambda batch: keras_probabilities(model, batch), test_images)
         reports = [
             measure_artifact(model, partial, fmt, test_images, test_labels, reference, export_cfg, latency_cfg)
             for fmt in formats
@@ -151,7 +156,7 @@ def measure_artifact(
     model: keras.Model,
     bundle: Path,
     fmt: str,
-    images: np.ndarray,
+    images: Images,
     labels: np.ndarray,
     reference: np.ndarray,
     export_cfg: Any,
@@ -159,13 +164,13 @@ def measure_artifact(
 ) -> ArtifactReport:
     """Accuracy, agreement with Keras and batch-1 latency of one artifact; fails loudly on float drift."""
     predictor = load_predictor(bundle, fmt, latency_cfg.threads)
-    probabilities = predictor(images)
+    probabilities = predict_batches(predictor, images)
     predicted = probabilities.argmax(-1)
     max_diff = float(np.max(np.abs(probabilities - reference)))
     tolerance = export_cfg.tolerance.float16 if fmt == "tflite_float16" else export_cfg.tolerance.float32
     if fmt in FLOAT_FORMATS and max_diff > tolerance:
         raise ExportError(f"{fmt} differs from the Keras model by {max_diff:.2e} in probability (tolerance {tolerance:.0e})")
-    latency = _artifact_latency(model, bundle, predictor, fmt, images[0], latency_cfg)
+    latency = _artifact_latency(model, bundle, predictor, fmt, first_image(images), latency_cfg)
     path = artifact_path(bundle, fmt)
     size = sum(f.stat().st_size for f in path.rglob("*")) if path.is_dir() else path.stat().st_size
     return ArtifactReport(

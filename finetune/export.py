@@ -23,7 +23,7 @@ from finetune.artifacts import ExportError
 from finetune.bundle import ArtifactReport, artifact_table, export_bundle
 from finetune.bundle_folder import METADATA_FILE
 from finetune.config import CONF_DIR, UsageError, validate_export
-from finetune.dataset import Split, load_images, read_splits
+from finetune.dataset import ImageBatches, Split, load_images, read_splits
 from finetune.model_files import ModelFiles
 from finetune.quantization import Int8Data, summary
 from finetune.runfolder import MANIFEST_FILE, Manifest
@@ -46,7 +46,7 @@ def export_run(
     headline: the run's own latency protocol and figures (metrics.json `latency_protocol`), for the model card.
     """
     size = cfg.backbone.input_size
-    test_images = load_images(splits["test"], size)
+    test_images = ImageBatches(splits["test"], size)  # decoded batch by batch by each measure, never all at once
     run = mlflow.active_run()
     metadata = {
         "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
@@ -87,7 +87,7 @@ def bundle_files(cfg: DictConfig, model: keras.Model, splits: dict[str, Split], 
 def int8_data(cfg: DictConfig, splits: dict[str, Split]) -> Int8Data:
     """The validation split that chooses the int8 recipe, and the training images that calibrate it."""
     val = splits["val"]
-    return Int8Data(load_images(val, cfg.backbone.input_size), np.asarray(val.labels),
+    return Int8Data(ImageBatches(val, cfg.backbone.input_size), np.asarray(val.labels),
                     partial(calibration_images, cfg, splits), len(splits["train"].paths))
 
 

@@ -47,7 +47,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from finetune.artifacts import ExportError, TFLitePredictor
+from finetune.artifacts import ExportError, Images, TFLitePredictor, keras_probabilities, predict_batches
 from finetune.cost import measure_tflite_latency
 
 RAW_PIXELS = (1.0, 0)  # the int8 file's input scale and zero point: uint8 pixel values go in as they are
@@ -63,7 +63,7 @@ INPUTS = {
 class Int8Data:
     """What the recipes see: training images to calibrate on, the validation split to choose by."""
 
-    val_images: np.ndarray
+    val_images: Images  # an array, or batches (`dataset.ImageBatches`): read one batch at a time
     val_labels: np.ndarray
     training_images: Callable[[int], np.ndarray]  # n training images (the first n of a fixed order; all when fewer)
     training_count: int
@@ -121,7 +121,7 @@ def choose_int8(model: keras.Model, saved_model: Path, data: Int8Data, export_cf
     plain: gives the plain int8 file when the run makes it anyway (its headline latency, `model_files`);
     None converts it here.
     """
-    float_predictions = np.asarray(model.predict(data.val_images.astype("float32"), verbose=0)).argmax(-1)
+    float_predictions = predict_batches(partial(keras_probabilities, model), data.val_images).argmax(-1)
     recipes = candidates(saved_model, data, export_cfg.representative_images, export_cfg.int8.integer_only, plain)
     predict = partial(tflite_predictions, images=data.val_images)
     max_slowdown = export_cfg.int8.max_slowdown
@@ -344,10 +344,10 @@ def tflite_latency_ms(model: bytes, latency_cfg: Any) -> float:
         return measure_tflite_latency(path, "candidate", latency_cfg.threads, latency_cfg.warmup, latency_cfg.runs).median_ms
 
 
-def tflite_predictions(model: bytes, images: np.ndarray) -> np.ndarray:
+def tflite_predictions(model: bytes, images: Images) -> np.ndarray:
     """Top-1 classes of a TFLite model run by LiteRT (a thread per core), fed as `finetune predict` feeds it."""
     with _candidate_file(model) as path:
-        return TFLitePredictor(path)(images).argmax(-1)
+        return predict_batches(TFLitePredictor(path), images).argmax(-1)
 
 
 @contextlib.contextmanager

@@ -86,7 +86,7 @@ class PreparedData:
     def image_cache(self, cfg: DictConfig) -> image_cache.ImageCache:
         """Where the decoded images stay between epochs (data.cache; auto: memory within memory_budget_gb)."""
         return image_cache.choose(cfg.data.cache, cfg.data.cache_dir, cfg.memory_budget_gb, len(self.folder.paths),
-                                  cfg.backbone.input_size)
+                                  cfg.backbone.input_size, cfg.data.cache_disk_gb)
 
     def images_in_memory(self, cfg: DictConfig) -> int:
         """Bytes the decoded-image cache holds in memory (0 when it is on disk or off)."""

@@ -25,7 +25,8 @@ MANIFEST_FILE = "manifest.json"
 FORMAT = 1
 HYDRA_ENTRIES = (".hydra",)  # Hydra's own record of the job, rewritten on every start (plus its *.log)
 IDENTITY_SECTIONS = ("mode", "seed", "deterministic", "backbone", "head", "train", "data")
-DOWNLOAD_KEYS = ("data.tfds_dir", "data.cache_dir")  # where downloads go, not what is trained on
+# where downloads and caches go, and how much disk the caches take: not what is trained on
+DOWNLOAD_KEYS = ("data.tfds_dir", "data.cache_dir", "data.cache_disk_gb")
 
 # Stages after training, in order, with the config sections their results depend on and the stages they use.
 STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {

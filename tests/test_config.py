@@ -49,6 +49,7 @@ GROUP_OPTIONS = [f"{group}={path.stem}" for group in ("backbone", "data", "tuner
         ("train.feature_views=0", "train.feature_views=0 must be a whole number >= 1"),
         ("data.cache=sometimes", "data.cache=sometimes must be auto, memory, disk or none"),
         ("memory_budget_gb=0", "memory_budget_gb=0.0 must be a number > 0"),
+        ("data.cache_disk_gb=0", "data.cache_disk_gb=0.0 must be a number > 0"),
         ("train.phase2.clipvalue=0", "train.phase2.clipvalue=0.0 must be null or a number > 0"),
         ("backbone=mobilenet backbone.depth_multiplier=0", "backbone.depth_multiplier=0 must be a whole number >= 1"),
         ("mode=tune tuner.dropout.min=abc", "tuner.dropout.min=abc must be a number in [0, 1)"),

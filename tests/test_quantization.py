@@ -346,7 +346,7 @@ def test_the_recipe_is_chosen_on_validation_images_only(tmp_path: Path, monkeypa
         splits[split] = Split(paths, [0, 1, 0, 1], FileSource(tmp_path))
     data = int8_data(OmegaConf.create({"seed": 0, "backbone": {"input_size": SIZE},
                                       "export": {"representative_images": 2}}), splits)
-    assert (data.val_images == 150).all() and list(data.val_labels) == [0, 1, 0, 1]
+    assert (np.concatenate(list(data.val_images)) == 150).all() and list(data.val_labels) == [0, 1, 0, 1]  # in batches
     assert (data.training_images(3) == 50).all() and data.training_count == 4
     seen = []
     monkeypatch.setattr(quantization, "tflite_predictions", lambda model, images: seen.append(images) or 1 - data.val_labels)

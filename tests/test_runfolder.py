@@ -75,7 +75,7 @@ def test_resuming_with_other_settings_is_refused_naming_the_keys(
 def test_settings_that_act_after_training_may_change_on_a_resume(tmp_path: Path) -> None:
     started_run(tmp_path / "run")
     later = compose([FLOWERS, *QUICK, "export.formats=[keras]", "latency.runs=7", "evaluate.top_k=2",
-                     "mlflow.experiment=other", "weights_dir=" + str(SHARED_WEIGHTS)])
+                     "mlflow.experiment=other", "weights_dir=" + str(SHARED_WEIGHTS), "data.cache_disk_gb=3"])
     check(tmp_path / "run", later)  # no error
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,47 +15,108 @@ from PIL import Image
 
 from conftest import COLORS, write_image
 from finetune import decode_check, image_cache, scan
-from finetune.dataset import load_images, make_dataset, scan_folder, split_folder
+from finetune.dataset import load_image, load_images, make_dataset, scan_folder, split_folder
 
 
-def jpeg_bytes(seed: int, size: tuple[int, int] = (120, 90), progressive: bool = False) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+def encoded(image: Image.Image, fmt: str, **options) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "JPEG", quality=90, progressive=progressive)
+    image.save(buffer, fmt, **options)
     return buffer.getvalue()
 
 
+def photo(seed: int, size: tuple[int, int] = (120, 90)) -> Image.Image:
+    """Smooth random colours (closer to a photo than noise is): 8 px blocks, bilinearly enlarged."""
+    coarse = np.random.default_rng(seed).integers(0, 255, (size[1] // 8 + 1, size[0] // 8 + 1, 3), dtype=np.uint8)
+    return Image.fromarray(coarse).resize(size, Image.BILINEAR)
+
+
+def flat_jpeg(width: int, height: int) -> bytes:
+    """A baseline grayscale JPEG of any size, every 8x8 block flat grey: with one-symbol Huffman tables a block is
+    two zero bits, so even an image over TensorFlow's size limit takes only width * height / 256 bytes."""
+    def segment(marker: int, body: bytes) -> bytes:
+        return bytes([0xFF, marker]) + (len(body) + 2).to_bytes(2, "big") + body
+
+    one_symbol = bytes([1] + [0] * 15 + [0])  # one code of length 1, for symbol 0 (DC: no change; AC: end of block)
+    blocks = -(-width // 8) * -(-height // 8)
+    frame = bytes([8]) + height.to_bytes(2, "big") + width.to_bytes(2, "big") + bytes([1, 1, 0x11, 0])
+    return (b"\xff\xd8" + segment(0xDB, bytes([0]) + bytes([1] * 64)) + segment(0xC0, frame)
+            + segment(0xC4, bytes([0x00]) + one_symbol) + segment(0xC4, bytes([0x10]) + one_symbol)
+            + segment(0xDA, bytes([1, 1, 0x00, 0, 63, 0])) + bytes(-(-blocks * 2 // 8)) + b"\xff\xd9")
+
+
+def jpeg_bytes(seed: int, size: tuple[int, int] = (120, 90), progressive: bool = False) -> bytes:
+    return encoded(photo(seed, size), "JPEG", quality=90, progressive=progressive)
+
+
+def cuts(data: bytes, name: str, suffix: str, step: int) -> dict[str, bytes]:
+    """data cut short: at every offset through the headers, every step bytes through the image data, and the last
+    four bytes."""
+    scan_start = data.find(b"\xff\xda") + 2 if data.startswith(b"\xff\xd8") else 0
+    offsets = {*range(0, scan_start + 16), *range(scan_start, len(data), step), *range(len(data) - 4, len(data))}
+    return {f"{name}_cut_{offset}{suffix}": data[:offset] for offset in sorted(offsets) if offset >= 0}
+
+
 def damaged_files(folder: Path) -> list[Path]:
-    """Images cut short or with bytes overwritten at many places, in JPEG and PNG, plus empty and foreign files."""
+    """Whole images of every kind training reads, and the same cut short at many places (headers, image data, the
+    last bytes), with bits flipped and bytes overwritten or zeroed, with junk after the end; empty and foreign files."""
     folder.mkdir()
-    whole = jpeg_bytes(0)
-    progressive = jpeg_bytes(1, progressive=True)
-    png = io.BytesIO()
-    Image.new("RGB", (50, 40), (10, 200, 30)).save(png, "PNG")
-    files = {"whole.jpg": whole, "progressive.jpg": progressive, "whole.png": png.getvalue(), "empty.jpg": b"",
-             "text.jpg": b"not an image", "notes.txt": b"a note", "png_cut.png": png.getvalue()[:60]}
-    for fraction in (0.02, 0.1, 0.5, 0.9, 0.99):
-        files[f"cut_{fraction}.jpg"] = whole[:int(len(whole) * fraction)]
-        files[f"progressive_cut_{fraction}.jpg"] = progressive[:int(len(progressive) * fraction)]
     rng = np.random.default_rng(3)
-    for index in range(12):  # overwritten bytes: in the headers, the tables, the entropy-coded data
-        damaged = bytearray(whole)
-        start = int(rng.integers(2, len(whole) - 16))
-        damaged[start:start + 8] = rng.integers(0, 255, 8, dtype=np.uint8).tobytes()
-        files[f"overwritten_{index}.jpg"] = bytes(damaged)
+    jpegs = {
+        "baseline": jpeg_bytes(0), "progressive": jpeg_bytes(1, progressive=True),
+        "full_chroma": encoded(photo(2), "JPEG", quality=90, subsampling=0),
+        "odd_size": encoded(photo(4, (37, 23)), "JPEG", quality=80),
+        "grayscale": encoded(photo(5).convert("L"), "JPEG", quality=90),
+        "cmyk": encoded(photo(6).convert("CMYK"), "JPEG", quality=90),
+        "restart": encoded(photo(7), "JPEG", quality=90, restart_marker_blocks=4),
+    }
+    files = {f"{name}.jpg": data for name, data in jpegs.items()}
+    for name, data in jpegs.items():
+        files.update(cuts(data, name, ".jpg", step=37))
+        scan_start = data.find(b"\xff\xda")
+        for index, position in enumerate(rng.integers(2, len(data), 12)):
+            flipped = bytearray(data)
+            flipped[position] ^= 1 << int(rng.integers(0, 8))
+            files[f"{name}_flipped_{index}.jpg"] = bytes(flipped)
+        for index, start in enumerate(rng.integers(scan_start, len(data) - 80, 6)):
+            overwritten = bytearray(data)
+            overwritten[start:start + 8] = rng.integers(0, 255, 8, dtype=np.uint8).tobytes()
+            files[f"{name}_overwritten_{index}.jpg"] = bytes(overwritten)
+            files[f"{name}_zeroed_{index}.jpg"] = data[:start] + bytes(64) + data[start + 64:]
+        files[f"{name}_trailing_junk.jpg"] = data + b"junk after the end" + bytes(100)
+    others = {"png": encoded(photo(8, (50, 40)), "PNG"), "gif": encoded(photo(9, (50, 40)).convert("P"), "GIF"),
+              "bmp": encoded(photo(10, (50, 40)), "BMP")}
+    for name, data in others.items():
+        files[f"whole.{name}"] = data
+        files.update(cuts(data, name, f".{name}", step=max(1, len(data) // 40)))
+    files.update({"empty.jpg": b"", "text.jpg": b"not an image", "notes.txt": b"a note", "zeros.jpg": bytes(4096),
+                  "signature_then_garbage.jpg": b"\xff\xd8\xff" + rng.integers(0, 255, 3000, dtype=np.uint8).tobytes(),
+                  "png_named_jpg.jpg": others["png"], "grey.png": encoded(photo(11).convert("L"), "PNG"),
+                  "flat_small.jpg": flat_jpeg(64, 48),
+                  "over_the_size_limit.jpg": flat_jpeg(32768, 16384)})  # 2**29 values: the full decode refuses it
     for name, data in files.items():
         (folder / name).write_bytes(data)
     return sorted(folder / name for name in files)
 
 
-def test_the_parallel_check_gives_each_file_the_verdict_of_decoding_it_alone(tmp_path: Path) -> None:
+def training_accepts(path: Path) -> bool:
+    """Whether training's own decode (read, decode, resize) takes the file."""
+    try:
+        load_image(tf.constant(str(path)), 8)
+    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError):
+        return False
+    return True
+
+
+def test_the_parallel_check_keeps_exactly_the_files_trainings_full_decode_takes(tmp_path: Path) -> None:
     files = damaged_files(tmp_path / "files")
     checked = decode_check.check_files(decode_check.file_stats([str(path) for path in files]), cache_file=None)
-    alone = {str(path): decode_check.file_reason(path) for path in files}
-    assert {Path(p).name: r is None for p, r in checked.items()} == {Path(p).name: r is None for p, r in alone.items()}
-    assert checked == alone  # the same reasons, word for word
-    assert checked[str(tmp_path / "files" / "whole.jpg")] is None and checked[str(tmp_path / "files" / "whole.png")] is None
-    assert sum(reason is not None for reason in checked.values()) >= 10  # the damage is seen, not waved through
+    kept = {path.name for path in files if checked[str(path)] is None}
+    image_files = [path for path in files if path.suffix.lower() in decode_check.IMAGE_EXTENSIONS]
+    assert kept == {path.name for path in image_files if training_accepts(path)}
+    assert checked == {str(path): decode_check.file_reason(path) for path in files}  # the reasons, word for word
+    assert {"baseline.jpg", "cmyk.jpg", "grayscale.jpg", "flat_small.jpg", "whole.gif", "whole.bmp"} <= kept
+    assert "over_the_size_limit.jpg" not in kept and "baseline_trailing_junk.jpg" in kept
+    assert len(files) - len(kept) >= 1000  # the damage is seen, not waved through
 
 
 def image_tree(root: Path, per_class: int = 6) -> Path:
@@ -174,3 +236,52 @@ def test_a_disk_cache_serves_later_passes_from_data_cache_dir(mode: str, tmp_pat
     np.testing.assert_array_equal(again, expected)
     assert list((tmp_path / "cache" / "decoded").iterdir())  # the snapshot, beside the scan results
     assert all(path.suffix == ".png" or path.name == "broken.jpg" for path in root.rglob("*") if path.is_file())
+
+
+def age(folder: Path, seconds: float) -> None:
+    """Set the times of folder and everything in it to `seconds` ago."""
+    then = time.time() - seconds
+    for path in [folder, *folder.rglob("*")]:
+        os.utime(path, (then, then))
+
+
+def run_folders(snapshot: Path) -> list[str]:
+    return sorted(run.name for graph in snapshot.iterdir() if graph.is_dir() for run in graph.iterdir() if run.is_dir())
+
+
+def test_a_snapshot_cut_short_is_replaced_cleanly_by_the_next_run(tmp_path: Path) -> None:
+    cache = image_cache.ImageCache("disk", tmp_path / "cache")
+    numbers = tf.data.Dataset.range(200).map(lambda x: tf.fill([256], x))
+    cut_short = iter(cache.keep(numbers, "key"))
+    for _ in range(20):  # an epoch interrupted: tf.data leaves the run folder it was writing, never finalized
+        next(cut_short)
+    del cut_short
+    snapshot = tmp_path / "cache" / "decoded" / "key"
+    [partial] = run_folders(snapshot)
+    busy = iter(cache.keep(numbers, "key"))  # another job writing the same snapshot right now: its folder is kept
+    next(busy)
+    assert len(run_folders(snapshot)) == 2
+    del busy
+    age(snapshot, image_cache.STALE_WRITE_SECONDS + 60)  # ... until it has written nothing for a while
+    again = [int(x[0]) for x in cache.keep(numbers, "key").as_numpy_iterator()]
+    assert again == list(range(200))
+    [finished] = run_folders(snapshot)  # the cut ones removed, the whole one kept, and read by the next pass
+    assert finished != partial and image_cache.current_run(next(p for p in snapshot.iterdir() if p.is_dir())) == finished
+    assert [int(x[0]) for x in cache.keep(numbers, "key").as_numpy_iterator()] == again
+    assert run_folders(snapshot) == [finished]
+
+
+def test_snapshots_are_pruned_least_recently_used_first_to_the_disk_budget(tmp_path: Path) -> None:
+    decoded = tmp_path / "cache" / "decoded"
+    for name, used_days_ago in (("old", 30), ("older", 60), ("recent", 2), ("in_use", 0.5)):
+        folder = decoded / name
+        image_cache.claim(folder)
+        (folder / "data").write_bytes(bytes(1000))
+        os.utime(folder / image_cache.MARKER, (time.time() - used_days_ago * 86400,) * 2)
+    (decoded / "not_ours").mkdir()  # a folder without the marker: not the tool's to remove
+    (decoded / "not_ours" / "data").write_bytes(bytes(5000))
+    cache = image_cache.choose("disk", tmp_path / "cache", 1.0, 100, 32, disk_gb=2500 / 1e9)
+    assert cache == image_cache.ImageCache("disk", tmp_path / "cache")
+    assert sorted(path.name for path in decoded.iterdir()) == ["in_use", "not_ours", "recent"]
+    image_cache.choose("disk", tmp_path / "cache", 1.0, 100, 32, disk_gb=1 / 1e9)  # over budget: in use stays
+    assert sorted(path.name for path in decoded.iterdir()) == ["in_use", "not_ours"]
