@@ -78,7 +78,7 @@ def export_run(
     return reports
 
 
-def bundle_files(cfg: DictConfig, model: keras.Model, splits: dict[str, Split], keras_file: Path) -> ModelFiles:
+def bundle_files(cfg: DictConfig, model: keras.Model, splits: dict[str, Split], keras_file: Path | None) -> ModelFiles:
     """The files a run's `time` and `export` stages share; the SavedModel gets `serve` when the bundle ships it."""
     top_k = cfg.evaluate.top_k if "saved_model" in cfg.export.formats else None
     return ModelFiles(model, top_k, partial(calibration_images, cfg, splits), keras_file)

@@ -15,7 +15,7 @@ from conftest import COLORS, write_image
 from finetune import artifacts
 from finetune.config import compose
 from finetune.dataset import FileSource, ImageBatches, Split, load_images
-from finetune.export import export_run
+from finetune.export import bundle_files, export_run
 from finetune.model import build_classifier
 
 SIZE = 32
@@ -66,7 +66,8 @@ def test_the_export_reads_each_split_one_batch_at_a_time(tmp_path: Path, monkeyp
     dataset = {"name": "synthetic", "root": str(tmp_path), "fingerprint": "f",
                **{f"{name}_images": count for name, count in COUNTS.items()}}
     calls = images_per_call(monkeypatch)
-    reports = export_run(cfg, model, ["c0", "c1"], splits, dataset, tmp_path / "export")
+    with bundle_files(cfg, model, splits, None) as files:
+        reports = export_run(cfg, files, ["c0", "c1"], splits, dataset, tmp_path / "export")
 
     batch = ImageBatches(splits["test"], SIZE).batch_size
     assert max(size for sizes in calls.values() for size in sizes) <= batch  # never a whole split at once
