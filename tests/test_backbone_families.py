@@ -218,18 +218,23 @@ def test_every_family_converts_to_tflite_that_takes_raw_pixels(name: str, tmp_pa
 
     from finetune.bundle import convert_tflite, write_saved_model
 
+    keras.utils.set_random_seed(0)
     model = classifier(name)
+    # the pooled features the head reads: with random weights some families' probabilities are all but uniform
+    # (Xception's differ by ~2e-6 between images), so they are compared where the images still differ
+    features = keras.Model(model.input, model.get_layer("probabilities").input, name="features")
     images = raw_images(BACKBONES[name].min_input_size)
-    expected = keras.ops.convert_to_numpy(model(images, training=False))
-    assert np.abs(expected[0] - expected[1]).max() > 1e-6, "the outputs do not depend on the image"
-    write_saved_model(model, tmp_path / "saved_model", top_k=None)
+    expected = keras.ops.convert_to_numpy(features(images, training=False))
+    scale = np.abs(expected).max()
+    assert np.abs(expected[0] - expected[1]).max() > 0.01 * scale, "the features do not depend on the image"
+    write_saved_model(features, tmp_path / "saved_model", top_k=None)
     interpreter = Interpreter(model_content=convert_tflite(tmp_path / "saved_model", "tflite_float32", images))
     interpreter.allocate_tensors()
     given, output = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
-    for image, probabilities in zip(images, expected):
+    for image, pooled in zip(images, expected):
         interpreter.set_tensor(given["index"], image[None])
         interpreter.invoke()
-        np.testing.assert_allclose(interpreter.get_tensor(output["index"])[0], probabilities, atol=1e-4)
+        np.testing.assert_allclose(interpreter.get_tensor(output["index"])[0], pooled, atol=1e-3 * scale)
 
 
 TRAINED_THROUGH_CLI = {  # phase 2 with backbone.unfreeze_blocks=2: the top two blocks (and the final layers)
