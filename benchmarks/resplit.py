@@ -49,7 +49,7 @@ def build_pool(data: Path) -> Path:
     pool = OUT / f"pool_{data.name}"
     for split in ("train", "val"):
         for path, label in zip(splits[split].paths, splits[split].labels):
-            class_dir = folder.root / folder.class_names[label]
+            class_dir = folder.source.root / folder.class_names[label]
             link = pool / class_dir.name / "__".join(Path(path).relative_to(class_dir).parts)
             link.parent.mkdir(parents=True, exist_ok=True)
             if not link.exists():

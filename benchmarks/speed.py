@@ -77,7 +77,8 @@ def main() -> None:
             for backbone in args.backbones:
                 for mode, switch in MODES.items():
                     name = f"speed_{backbone}_{args.tag}_{mode}"
-                    runs[backbone][seed, mode] = run_seed(name, pool, seed, [*BACKBONES[backbone], *overrides, switch])
+                    run_overrides = [*BACKBONES[backbone], *overrides, switch]
+                    runs[backbone][seed, mode] = run_seed(name, pool, seed, run_overrides, export=False)
                     print(f"done: {name} seed {seed}", flush=True)
     except subprocess.CalledProcessError as error:
         sys.exit(f"a run failed (exit {error.returncode}); its log is beside its run directory under {OUT}")
