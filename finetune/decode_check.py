@@ -24,7 +24,8 @@ from finetune import interrupts
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 DECODE_ERRORS = (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, tf.errors.UnknownError)
-CACHE_FORMAT = f"1, tensorflow {tf.__version__}"  # results of another check (or decoder) are not reused
+CACHE_FORMAT = f"2, tensorflow {tf.__version__}"  # results of another check (or decoder) are not reused;
+# 1 was a check whose decode never ran (see `_decoded_shape`): it kept files cut short
 CHECK_GROUP = 32  # images checked in one parallel call
 MAX_DECODED_VALUES = 1 << 29  # TensorFlow refuses a JPEG of this many values (height x width x its components)
 Stat = tuple[int, int]  # (size in bytes, modification time in ns)

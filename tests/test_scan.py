@@ -173,6 +173,18 @@ def test_an_unreadable_cache_is_checked_afresh_and_replaced_whole(tmp_path: Path
     assert calls[1] == []
 
 
+def test_verdicts_of_the_earlier_check_are_not_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Format 1's check never decoded (it kept files cut short): a cache it wrote is checked afresh."""
+    root, cache_dir = image_tree(tmp_path / "images"), tmp_path / "cache"
+    cache_file = decode_check.cache_file_for(root, cache_dir)
+    stats = decode_check.file_stats([str(path) for path in root.rglob("*") if path.is_file()])
+    decode_check.write_json_atomically(cache_file, {"format": f"1, tensorflow {tf.__version__}",
+                                                    "files": {path: [*stat, None] for path, stat in stats.items()}})
+    calls = checked_files(monkeypatch)
+    folder = scan_folder(root, cache_dir)
+    assert len(calls[0]) == 13 and [Path(path).name for path, _ in folder.skipped] == ["broken.jpg"]
+
+
 def test_scan_command_reports_classes_splits_and_skipped_files(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     root = image_tree(tmp_path / "images", per_class=10)
     scan.main(["data=folder", f"data.path={root}", f"data.cache_dir={tmp_path / 'cache'}"])
