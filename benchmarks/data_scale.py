@@ -9,13 +9,17 @@ Generates (once) a class-per-folder tree of N JPEGs of 96-256 px in 10 classes p
 not an image, a text file), then, side by side in one process:
 1. the old serial scan (every file fully decoded one by one in the main process, as `scan_folder` did) against
    the first parallel scan into an empty cache, alternated --rounds times (wall time and this process's CPU time
-   per file; the best round of each), and the second scan of the unchanged folder;
+   per file; the best round of each), and the second scan of the unchanged folder; then the floor of any check
+   that gives training's verdicts: TensorFlow's 1/8-scale JPEG decode alone on bytes already in memory, and the
+   file reads alone, each in parallel, grouped as the check groups them;
 2. the peak RSS of a real one-epoch run at 224 px (`python -m finetune`, MobileNetV3Small, random weights,
    no export) with `data.cache=auto`, at each `--budgets` memory_budget_gb (default 8, the config's);
 3. images per second through the classifier (a traced forward pass, batch 32) fed by the folder (read, decode
    and resize every pass, no cache) against the same images already decoded in memory; both through the same
    tf.data batching and prefetch, timed from a fresh iterator to the last prediction, in chunks of the sample
-   that alternate which side goes first (a busier moment of the shared machine hits both).
+   that alternate which side goes first (a busier moment of the shared machine hits both). Each chunk pays a
+   fresh pipeline's start-up, which an epoch pays once: with 256-image chunks (1,024 images) that start-up
+   alone showed the folder 1.84x slower on an idle machine, 1.10x with 2,048-image chunks (8,192, the default).
 The folder and the caches live under --folder; nothing is written into the project.
 """
 
@@ -90,6 +94,36 @@ def parallel_scan_seconds(root: Path, cache_dir: Path) -> tuple[float, float, in
     start, cpu = time.perf_counter(), cpu_seconds()
     folder = scan_folder(root, cache_dir)
     return time.perf_counter() - start, cpu_seconds() - cpu, len(folder.paths), len(folder.skipped)
+
+
+def check_floor_ms(root: Path, files: int = 20_000) -> dict[str, float]:
+    """Wall ms a file, on every core, of what a check with training's verdicts cannot skip (JPEGs only).
+
+    `decode`: TensorFlow's 1/8-scale JPEG decode of bytes already in memory (the Huffman decoding of every
+    coefficient that training's verdict needs; `decode_check._decoded_shape`); `read`: reading the files.
+    Both grouped CHECK_GROUP to a tf.data element, in parallel, as the check runs them; best of two passes."""
+    import tensorflow as tf
+
+    from finetune.decode_check import CHECK_GROUP
+
+    paths = sorted(str(path) for path in root.glob("class_*/[0-9]*.jpg"))[:files]
+    contents = tf.data.Dataset.from_tensor_slices(tf.constant([Path(path).read_bytes() for path in paths]))
+    names = tf.data.Dataset.from_tensor_slices(tf.constant(paths))
+
+    def grouped(items: tf.data.Dataset, work) -> tf.data.Dataset:
+        return items.batch(CHECK_GROUP).map(lambda group: tf.map_fn(work, group, fn_output_signature=tf.int32),
+                                            num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+
+    pipelines = {"decode": grouped(contents, lambda data: tf.size(tf.io.decode_jpeg(data, channels=3, ratio=8))),
+                 "read": grouped(names, lambda path: tf.strings.length(tf.io.read_file(path)))}
+    best = {}
+    for name, pipeline in pipelines.items():
+        for _ in range(2):
+            start = time.perf_counter()
+            for _ in pipeline:
+                pass
+            best[name] = min(best.get(name, np.inf), 1000 * (time.perf_counter() - start) / len(paths))
+    return best
 
 
 def forget_scans(cache_dir: Path) -> None:
@@ -172,7 +206,7 @@ def main() -> None:
     parser.add_argument("--serial-sample", type=int, default=0, help="time the old scan on this many files (0: all)")
     parser.add_argument("--rounds", type=int, default=2, help="serial and first parallel scans, alternated")
     parser.add_argument("--no-throughput", action="store_true", help="skip the images/s comparison")
-    parser.add_argument("--throughput-images", type=int, default=1024)
+    parser.add_argument("--throughput-images", type=int, default=8192, help="in 4 chunks")
     parser.add_argument("--budgets", type=float, nargs="*", default=[8.0],
                         help="memory_budget_gb of each one-epoch run (peak RSS); none: no run")
     args = parser.parse_args()
@@ -202,6 +236,10 @@ def main() -> None:
           f" less ({best_serial[1]:.3f} vs {best_parallel[1]:.3f} ms)")
     second, _, _, _ = parallel_scan_seconds(root, cache_dir)
     print(f"second scan (unchanged files, cache): {second:.2f} s", flush=True)
+    floor = check_floor_ms(root)
+    print(f"floor of a check with training's verdicts (wall ms a file, every core): 1/8-scale decode of bytes in "
+          f"memory {floor['decode']:.3f} + reading the files {floor['read']:.3f} = {sum(floor.values()):.3f}: at most "
+          f"{best_serial[0] / sum(floor.values()):.1f}x faster than the old serial scan", flush=True)
 
     if not args.no_throughput:
         rates = throughput(root, cache_dir, args.throughput_images)

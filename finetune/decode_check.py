@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from finetune import interrupts
+from finetune import interrupts, quiet
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 DECODE_ERRORS = (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, tf.errors.UnknownError)
@@ -147,9 +147,11 @@ def _check_fresh(files: list[str]) -> dict[str, str | None]:
     reasons = {path: file_reason(Path(path)) for path in files
                if os.path.splitext(path)[1].lower() not in IMAGE_EXTENSIONS}
     images = [path for path in files if path not in reasons]
-    if images:
-        labels = tf.zeros(len(images), tf.int64)
-        examples = tf.data.Dataset.from_tensor_slices((tf.range(len(images), dtype=tf.int64), tf.constant(images), labels))
+    if not images:
+        return reasons
+    labels = tf.zeros(len(images), tf.int64)
+    examples = tf.data.Dataset.from_tensor_slices((tf.range(len(images), dtype=tf.int64), tf.constant(images), labels))
+    with quiet.native_output_hidden():  # libjpeg's line for every file it refuses: the skipped list says it once
         passed = {index for index, _ in decodable(examples, len(images), "Checking images", read=tf.io.read_file)}
         for index, path in enumerate(images):
             reasons[path] = None if index in passed else (file_reason(Path(path)) or "cannot be decoded")

@@ -15,7 +15,6 @@ take at most `data.cache_disk_gb`, except those used in the last `IN_USE_SECONDS
 
 from __future__ import annotations
 
-import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ SHUFFLE_BUFFER_BYTES = 256 * 2**20  # decoded images a shuffle buffer may hold w
 MARKER = "finetune-decoded-images"  # in every snapshot folder this tool made; its time is the last use
 STALE_WRITE_SECONDS = 600  # a snapshot write untouched this long was cut short (a live one writes every batch)
 IN_USE_SECONDS = 24 * 3600  # a snapshot used this recently is never pruned: a job may still be reading it
+SNAPSHOTS = "decoded"  # the snapshots' folder in data.cache_dir
 
 
 def decoded_bytes(images: int, size: int) -> int:
@@ -52,6 +52,12 @@ class ImageCache:
             return images.snapshot(str(folder))
         return images
 
+    def prune(self, disk_gb: float) -> list[Path]:
+        """On disk: prune the tool's older snapshots to disk_gb (data.cache_disk_gb) before this run uses them."""
+        if self.mode != "disk":
+            return []
+        return prune(self.directory / SNAPSHOTS, disk_gb * 1e9)
+
     def shuffle_buffer(self, images: int, size: int) -> int:
         """Elements a shuffle may hold: all of them in memory (the cache holds them anyway), else a bounded share."""
         if self.mode == "memory":
@@ -59,22 +65,13 @@ class ImageCache:
         return max(1, min(images, SHUFFLE_BUFFER_BYTES // decoded_bytes(1, size)))
 
 
-def choose(mode: str, cache_dir: str | Path, budget_gb: float, images: int, size: int,
-           disk_gb: float = math.inf) -> ImageCache:
-    """The cache data.cache asks for; `auto`: memory when every split's decoded images fit the budget, else disk.
-
-    disk_gb (data.cache_disk_gb): on disk, older snapshots are pruned to it first (`prune`).
-    """
+def choose(mode: str, cache_dir: str | Path, budget_gb: float, images: int, size: int) -> ImageCache:
+    """The cache data.cache asks for; `auto`: memory when every split's decoded images fit the budget, else disk."""
     if mode == "auto":
         mode = "memory" if decoded_bytes(images, size) <= budget_gb * 1e9 else "disk"
     if mode != "disk":
         return ImageCache(mode)
-    directory = Path(cache_dir).expanduser()
-    prune(directory / SNAPSHOTS, disk_gb * 1e9)
-    return ImageCache(mode, directory)
-
-
-SNAPSHOTS = "decoded"
+    return ImageCache(mode, Path(cache_dir).expanduser())
 
 
 def claim(folder: Path) -> None:

@@ -86,7 +86,7 @@ class PreparedData:
     def image_cache(self, cfg: DictConfig) -> image_cache.ImageCache:
         """Where the decoded images stay between epochs (data.cache; auto: memory within memory_budget_gb)."""
         return image_cache.choose(cfg.data.cache, cfg.data.cache_dir, cfg.memory_budget_gb, len(self.folder.paths),
-                                  cfg.backbone.input_size, cfg.data.cache_disk_gb)
+                                  cfg.backbone.input_size)
 
     def images_in_memory(self, cfg: DictConfig) -> int:
         """Bytes the decoded-image cache holds in memory (0 when it is on disk or off)."""
@@ -96,8 +96,9 @@ class PreparedData:
 
 
 def prepare_data(cfg: DictConfig) -> PreparedData:
-    """Scan and split the configured data, and say which files were skipped."""
+    """Scan and split the configured data, say which files were skipped, and prune old snapshots (once a run)."""
     data = scan_and_split(cfg)
+    data.image_cache(cfg).prune(cfg.data.cache_disk_gb)
     if data.folder.skipped:
         print(f"Skipped {len(data.folder.skipped)} unusable file(s) (listed in skipped_images.txt):")
         for path, reason in data.folder.skipped[:5]:

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import tensorflow as tf
 
+from finetune import quiet
 from finetune.config import UsageError
 from finetune.dataset import ImageFolder
 from finetune.decode_check import (
@@ -130,14 +131,15 @@ def _scan_split(source: TfdsSource, tfds_split: str, folder: ImageFolder) -> Non
         total = int(records.reduce(tf.constant(0, tf.int64), lambda count, _: count + 1))
     examples = records.map(lambda index, example: (index, example[source.image_key],
                                                    tf.cast(example[source.label_key], tf.int64)))
-    usable = dict(decodable(examples, total, f"Checking {source.name} {tfds_split}"))
+    with quiet.native_output_hidden():  # libjpeg's line for every image it refuses: the skipped list says it once
+        usable = dict(decodable(examples, total, f"Checking {source.name} {tfds_split}"))
+        failed = [index for index in range(total) if index not in usable]
+        if failed:
+            for index, (contents, _) in zip(failed, source.select(tfds_split, failed).as_numpy_iterator()):
+                folder.skipped.append((f"{tfds_split}/{index}", unusable_reason(contents) or "cannot be decoded"))
     for index in sorted(usable):
         folder.paths.append(f"{tfds_split}/{index}")
         folder.labels.append(usable[index])
-    failed = [index for index in range(total) if index not in usable]
-    if failed:
-        for index, (contents, _) in zip(failed, source.select(tfds_split, failed).as_numpy_iterator()):
-            folder.skipped.append((f"{tfds_split}/{index}", unusable_reason(contents) or "cannot be decoded"))
 
 
 def prepared_builder(name: str, data_dir: str) -> Any:

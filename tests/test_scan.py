@@ -15,7 +15,9 @@ from PIL import Image
 
 from conftest import COLORS, write_image
 from finetune import decode_check, image_cache, scan
+from finetune.config import compose
 from finetune.dataset import load_image, load_images, make_dataset, scan_folder, split_folder
+from finetune.run import prepare_data
 
 
 def encoded(image: Image.Image, fmt: str, **options) -> bytes:
@@ -185,14 +187,18 @@ def test_verdicts_of_the_earlier_check_are_not_reused(tmp_path: Path, monkeypatc
     assert len(calls[0]) == 13 and [Path(path).name for path, _ in folder.skipped] == ["broken.jpg"]
 
 
-def test_scan_command_reports_classes_splits_and_skipped_files(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_scan_command_reports_classes_splits_and_skipped_files(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
     root = image_tree(tmp_path / "images", per_class=10)
+    whole = encoded(Image.new("RGB", (160, 120), (20, 90, 160)), "JPEG")
+    (root / "c1" / "cut.jpg").write_bytes(whole[: len(whole) // 2])  # libjpeg prints a line of its own for this one
     scan.main(["data=folder", f"data.path={root}", f"data.cache_dir={tmp_path / 'cache'}"])
-    out = capsys.readouterr().out
-    assert f"{root.resolve()}: 20 usable images in 2 classes, 1 skipped" in out
+    out, err = capfd.readouterr()
+    assert f"{root.resolve()}: 20 usable images in 2 classes, 2 skipped" in out
     assert "  c0  10\n  c1  10\n" in out
     assert "Splits (data.split_seed=0): train 14, val 3, test 3; fingerprint " in out
     assert f"  {root / 'c0' / 'broken.jpg'}\tcannot be decoded: " in out
+    assert f"  {root / 'c1' / 'cut.jpg'}\tcannot be decoded: " in out
+    assert "JPEG library" not in err  # the report says it once; the decoder's own lines stay off the terminal
     assert sorted(path.name for path in tmp_path.iterdir()) == ["cache", "images"]  # no experiments/, no run folder
 
 
@@ -283,7 +289,7 @@ def test_a_snapshot_cut_short_is_replaced_cleanly_by_the_next_run(tmp_path: Path
     assert run_folders(snapshot) == [finished]
 
 
-def test_snapshots_are_pruned_least_recently_used_first_to_the_disk_budget(tmp_path: Path) -> None:
+def test_snapshots_are_pruned_least_recently_used_first_to_the_disk_budget(tmp_path: Path, tiny_images: Path) -> None:
     decoded = tmp_path / "cache" / "decoded"
     for name, used_days_ago in (("old", 30), ("older", 60), ("recent", 2), ("in_use", 0.5)):
         folder = decoded / name
@@ -292,8 +298,15 @@ def test_snapshots_are_pruned_least_recently_used_first_to_the_disk_budget(tmp_p
         os.utime(folder / image_cache.MARKER, (time.time() - used_days_ago * 86400,) * 2)
     (decoded / "not_ours").mkdir()  # a folder without the marker: not the tool's to remove
     (decoded / "not_ours" / "data").write_bytes(bytes(5000))
-    cache = image_cache.choose("disk", tmp_path / "cache", 1.0, 100, 32, disk_gb=2500 / 1e9)
+    everything = sorted(path.name for path in decoded.iterdir())
+    cache = image_cache.choose("disk", tmp_path / "cache", 1.0, 100, 32)
     assert cache == image_cache.ImageCache("disk", tmp_path / "cache")
+    assert sorted(path.name for path in decoded.iterdir()) == everything  # choosing removes nothing
+    assert image_cache.ImageCache("memory").prune(0.0) == []
+    assert sorted(path.name for path in decoded.iterdir()) == everything  # nor does a cache that is not on disk
+    cfg = compose(["data=folder", f"data.path={tiny_images}", f"data.cache_dir={tmp_path / 'cache'}", "data.cache=disk",
+                   f"data.cache_disk_gb={2500 / 1e9}"])
+    prepare_data(cfg)  # what a run does first, once
     assert sorted(path.name for path in decoded.iterdir()) == ["in_use", "not_ours", "recent"]
-    image_cache.choose("disk", tmp_path / "cache", 1.0, 100, 32, disk_gb=1 / 1e9)  # over budget: in use stays
+    assert cache.prune(1 / 1e9) == [decoded / "recent"]  # over budget: in use stays
     assert sorted(path.name for path in decoded.iterdir()) == ["in_use", "not_ours"]
