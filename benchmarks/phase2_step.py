@@ -15,6 +15,7 @@ type), and steps/s of the cached step at larger batches (images/s = steps/s x ba
 Usage:
     python benchmarks/phase2_step.py [--backbones v3_small v2_035] [--rounds 5] [--profile] [--batches 64 128]
     python benchmarks/phase2_step.py --threads 2 1 ...   # TensorFlow intra-/inter-op threads (one run per setting)
+    python benchmarks/phase2_step.py --layer-check --backbones   # only one depthwise and one 1x1 conv layer
 """
 
 from __future__ import annotations
@@ -211,9 +212,37 @@ def batch_sizes(cfg: Any, models: dict[str, Any], sizes: list[int], rounds: int)
         f"{size}: {statistics.median(rates[size]):.0f}" for size in sizes), flush=True)
 
 
+def layer_check(steps: int = 10) -> None:
+    """Forward + backward of one V3Small top-block depthwise conv and one 1x1 conv, without and with XLA."""
+    import keras
+    import tensorflow as tf
+
+    cases = {"depthwise 5x5 on 32x14x14x288": (keras.layers.DepthwiseConv2D(5, padding="same"), (32, 14, 14, 288)),
+             "1x1 conv 48->288 on 32x14x14x48": (keras.layers.Conv2D(288, 1), (32, 14, 14, 48))}
+    for name, (layer, shape) in cases.items():
+        inputs = tf.random.uniform(shape)
+        layer.build(shape)
+        milliseconds = {}
+        for jit in (False, True):
+            @tf.function(jit_compile=jit)
+            def step(x: tf.Tensor) -> list[tf.Tensor]:
+                with tf.GradientTape() as tape:
+                    tape.watch(x)
+                    total = tf.reduce_sum(layer(x) ** 2)
+                return tape.gradient(total, [x, *layer.trainable_weights])
+
+            step(inputs)
+            started = time.perf_counter()
+            for _ in range(steps):
+                [gradient.numpy() for gradient in step(inputs)]
+            milliseconds[jit] = 1000 * (time.perf_counter() - started) / steps
+        print(f"{name}: forward + backward {milliseconds[False]:.1f} ms without XLA, {milliseconds[True]:.1f} ms with "
+              f"({milliseconds[True] / milliseconds[False]:.1f}x the time)", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbones", nargs="+", choices=list(BACKBONES), default=list(BACKBONES))
+    parser.add_argument("--backbones", nargs="*", choices=list(BACKBONES), default=list(BACKBONES))
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (alternating order)")
     parser.add_argument("--cache-steps", type=int, default=6, help="steps a round on cached activations")
     parser.add_argument("--image-steps", type=int, default=3, help="steps a round on images")
@@ -223,6 +252,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="*", default=[], help="also time the cached step at these batches")
     parser.add_argument("--xla", action=argparse.BooleanOptionalAction, default=True,
                         help="time (and check) jit_compile=True too; --no-xla: only the steps without XLA")
+    parser.add_argument("--layer-check", action="store_true",
+                        help="first, one depthwise and one 1x1 conv layer's step without and with XLA")
     parser.add_argument("--threads", type=int, nargs=2, metavar=("INTRA", "INTER"), help="TensorFlow thread pools")
     args = parser.parse_args()
 
@@ -235,6 +266,8 @@ def main() -> None:
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}; threads intra "
           f"{tf.config.threading.get_intra_op_parallelism_threads()} inter "
           f"{tf.config.threading.get_inter_op_parallelism_threads()} (0: one per core)", flush=True)
+    if args.layer_check:
+        layer_check()
     for name in args.backbones:
         keras.utils.set_random_seed(0)
         cfg, models, cut = phase2_models(BACKBONES[name])
