@@ -12,7 +12,7 @@ import keras_tuner as kt
 import mlflow
 from omegaconf import DictConfig, OmegaConf
 
-from finetune import cost, feature_cache, interrupts, search_cluster, tracking, trial_memory
+from finetune import cost, feature_cache, interrupts, search_cluster, tracking, trial_latency, trial_memory
 from finetune.backbone_search import trial_backbone
 from finetune.model import build_classifier
 from finetune.export import calibration_images
@@ -59,6 +59,7 @@ class TwoPhaseTuner(kt.Tuner):
         self.cfg = cfg
         self.data = data
         self.parent_run_id: str | None = None  # the search's MLflow run; a worker's is the chief's (search_cluster)
+        self.latencies = trial_latency.TrialLatencies()  # each inference graph timed once (trial_latency)
 
     def run_trial(self, trial: kt.engine.trial.Trial, *args: Any, **kwargs: Any) -> dict[str, float]:
         interrupts.check()
@@ -76,8 +77,9 @@ class TwoPhaseTuner(kt.Tuner):
             feeds = self.data.feeds(trial_cfg, model, Path(self.project_dir).parent)  # one cache folder for all trials
             with trial_memory.released_training_graphs():  # with clear_session, memory stays flat (keras-tuner#395)
                 phases = train_two_phases(model, trial_cfg, feeds, trial_dir, RunState(trial_dir / "state.json"))
-            with ModelFiles(model, None, partial(calibration_images, trial_cfg, self.data.splits)) as files:
-                shipped, keras_figure = model_latencies(files, trial_cfg)
+            timed = self.latencies.measure(trial_latency.graph_key(trial_cfg, self.data.num_classes), trial.trial_id,
+                                           partial(self._measure_latencies, model, trial_cfg))
+            shipped, keras_figure = timed.shipped, timed.keras_figure
             budget = self.cfg.tuner.max_latency_ms
             metrics = {
                 "val_accuracy": max(result.best_val_accuracy for result in phases.values()),
@@ -88,10 +90,17 @@ class TwoPhaseTuner(kt.Tuner):
             }
             # per-epoch val_accuracy is already logged by step; the kept (best) value goes under its own name
             mlflow.log_metrics({("final_val_accuracy" if k == "val_accuracy" else k): v for k, v in metrics.items()})
-            mlflow.set_tags(latency_tags(shipped, keras_figure))
+            reused = trial_latency.reuse_tag(timed, trial.trial_id)
+            mlflow.set_tags({**latency_tags(shipped, keras_figure), **reused})
         print(f"Trial {trial.trial_id}: val_accuracy {metrics['val_accuracy']:.3f}, "
-              f"latency {shipped.median_ms:.2f} ms ({shipped.describe()}), {hp.values}", flush=True)
+              f"latency {shipped.median_ms:.2f} ms ({shipped.describe()}; reused: {reused['latency_reused']}), "
+              f"{hp.values}", flush=True)
         return metrics
+
+    def _measure_latencies(self, model: keras.Model, trial_cfg: DictConfig) -> tuple[cost.Latency, cost.Latency]:
+        """The trial's model converted to its headline TFLite file and timed, with the Keras model's figure."""
+        with ModelFiles(model, None, partial(calibration_images, trial_cfg, self.data.splits)) as files:
+            return model_latencies(files, trial_cfg)
 
 
 def make_oracle(search: DictConfig, seed: int) -> kt.Oracle:
