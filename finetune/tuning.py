@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -149,11 +150,11 @@ def tune_job(cfg: DictConfig, run_dir: Path, tags: dict[str, str] | None = None)
             search_cluster.serve_oracle(tuner)
         else:
             tuner.search()
-        feature_cache.remove_files(run_dir)
         finished = tuner.oracle.get_best_trials(num_trials=len(tuner.oracle.trials))
         best = best_within_budget(finished, cfg.tuner.max_latency_ms)
         mlflow.log_metrics({"trials": len(finished)})
         if best is None:
+            feature_cache.remove_files(run_dir)
             print(f"No trial met tuner.max_latency_ms={cfg.tuner.max_latency_ms}; nothing retrained.")
             mlflow.set_tag("best_trial", "none within the latency budget")
             return None
@@ -164,8 +165,9 @@ def tune_job(cfg: DictConfig, run_dir: Path, tags: dict[str, str] | None = None)
         best_cfg.train.phase2.epochs = cfg.train.phase2.epochs
         best_cfg.mlflow.run_name = f"{tracking.run_label(best_cfg)} best (trial {best.trial_id})"
         print(f"Best trial {best.trial_id} ({best.hyperparameters.values}); retraining with the full schedule.")
-        metrics = run_job(best_cfg, _best_dir(run_dir), tags={"kind": "best", "best_trial": best.trial_id},
-                          data=data, nested=True)
+        best_dir = _best_dir(run_dir)
+        _hand_over_caches(run_dir, best_dir)
+        metrics = run_job(best_cfg, best_dir, tags={"kind": "best", "best_trial": best.trial_id}, data=data, nested=True)
         mlflow.log_metrics({f"best.{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     return metrics
 
@@ -176,6 +178,17 @@ def _search_as_worker(cfg: DictConfig, tuner: TwoPhaseTuner) -> None:
     tuner.search()
     feature_cache.remove_files(Path(tuner.project_dir).parent)
     print(f"{tuner.tuner_id}: the chief's oracle has no trial left; the chief retrains the best.", flush=True)
+
+
+def _hand_over_caches(run_dir: Path, best_dir: Path) -> None:
+    """The search's feature-cache files become the retrain's (whose train stage deletes them once trained).
+
+    In this process the retrain takes the best trial's cache from memory; the files serve a retrain resumed in
+    a new process (after a kill), which reads them instead of filling them again."""
+    searched, retrain = run_dir / feature_cache.CACHE_DIR, best_dir / feature_cache.CACHE_DIR
+    if searched.exists() and not retrain.exists():
+        os.replace(searched, retrain)
+    feature_cache.remove_files(run_dir)
 
 
 def _best_dir(run_dir: Path) -> Path:
