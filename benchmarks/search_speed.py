@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,6 +39,7 @@ V2_FILES = {  # Keras's file name -> the shared file
         "mobilenet_v2_1.0_224_no_top__dequant_coral_tf2_ptq_int8.h5",
 }
 BEST_LINE = "Best trial "  # tuning.tune_job prints it when the search is over and the retrain starts
+TRIAL_LINE = re.compile(r"Trial (\S+): val_accuracy")  # TwoPhaseTuner.run_trial's line when a trial is done
 
 
 @dataclass
@@ -47,6 +49,7 @@ class Side:
     cache: str
     total_s: float = 0.0
     search_s: float = 0.0
+    trial_ends: dict[str, float] = field(default_factory=dict)  # trial id -> seconds from the start when it ended
     trials: list[dict] = field(default_factory=list)  # per trial: id, seconds, alpha, dropout, reuse tags, val acc
     best_trial: str = "none"
     best_val_accuracy: float = float("nan")
@@ -81,12 +84,12 @@ def overrides(args: argparse.Namespace, cache: str, scratch: Path) -> list[str]:
     return chosen if args.export else [*chosen, "export.formats=[]"]
 
 
-def run_cli(command: list[str], scratch: Path) -> tuple[float, float]:
-    """Run the CLI from scratch, echoing its output (timestamped) into scratch/log.txt; (total s, search s)."""
+def run_cli(command: list[str], scratch: Path, side: Side) -> None:
+    """Run the CLI from scratch, its output (timestamped) into scratch/log.txt and the lines that say how far it
+    is onto the terminal; sets the side's total and search seconds and when each trial ended."""
     env = {key: value for key, value in os.environ.items() if key != "FINETUNE_WEIGHTS_DIR"}
     env.update(PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     started = time.monotonic()
-    search_s = float("nan")
     with (scratch / "log.txt").open("w") as log:
         process = subprocess.Popen(command, cwd=scratch, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                    text=True)
@@ -94,17 +97,20 @@ def run_cli(command: list[str], scratch: Path) -> tuple[float, float]:
             elapsed = time.monotonic() - started
             log.write(f"[{elapsed:7.1f}] {line}")
             if line.startswith(BEST_LINE):
-                search_s = elapsed
-            if line.startswith(("Trial ", BEST_LINE, "Feature cache:", "Test accuracy")):
-                print(f"  [{elapsed:6.0f} s] {line.rstrip()[:160]}", flush=True)
+                side.search_s = elapsed
+            if ended := TRIAL_LINE.match(line):
+                side.trial_ends[ended.group(1)] = elapsed
+            if ended or line.startswith((BEST_LINE, "Feature cache:", "Test accuracy")):
+                print(f"  [{elapsed:6.0f} s] {line.rstrip()}", flush=True)
         code = process.wait()
     if code != 0:
         sys.exit(f"the search failed (exit {code}); its output: {scratch / 'log.txt'}")
-    return time.monotonic() - started, search_s
+    side.total_s = time.monotonic() - started
 
 
 def read_mlflow(side: Side, scratch: Path) -> None:
-    """Each trial's seconds and tags, and the best trial's val accuracy, from the side's MLflow store."""
+    """Each trial's tags and val accuracy, and the best trial's, from the side's MLflow store; a trial's seconds
+    are from the end of the one before (the first trial's from the start: with the scan and the start-up)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{scratch / 'mlflow.db'}")
@@ -113,15 +119,18 @@ def read_mlflow(side: Side, scratch: Path) -> None:
     by_kind: dict[str, list] = {}
     for run in runs:
         by_kind.setdefault(run.data.tags.get("kind", ""), []).append(run)
+    previous_end = 0.0
     for run in sorted(by_kind.get("trial", []), key=lambda r: r.info.start_time):
         tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+        ended = side.trial_ends.get(tags["trial_id"], float("nan"))
         side.trials.append({
-            "id": tags["trial_id"], "seconds": (run.info.end_time - run.info.start_time) / 1000,
+            "id": tags["trial_id"], "seconds": ended - previous_end,
             "alpha": params.get("hp.alpha", "?"), "dropout": float(params.get("hp.dropout", "nan")),
             "feature_cache_reused": tags.get("feature_cache_reused", "-"),
             "latency_reused": tags.get("latency_reused", "-"),
             "val_accuracy": metrics.get("final_val_accuracy", float("nan")),
         })
+        previous_end = ended
     search = by_kind["search"][0]
     side.best_trial = search.data.tags.get("best_trial", "none")
     side.best_val_accuracy = next((t["val_accuracy"] for t in side.trials if t["id"] == side.best_trial), float("nan"))
@@ -135,7 +144,7 @@ def run_side(args: argparse.Namespace, cache: str) -> Side:
     side = Side(cache, load=load_average())
     print(f"\ntrain.feature_cache={cache}: {args.trials} trials in {scratch} ({side.load})", flush=True)
     command = [sys.executable, "-m", "finetune", *overrides(args, cache, scratch)]
-    side.total_s, side.search_s = run_cli(command, scratch)
+    run_cli(command, scratch, side)
     side.load += f" at the start; {load_average()} at the end"
     read_mlflow(side, scratch)
     if args.keep:
