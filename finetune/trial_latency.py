@@ -1,11 +1,12 @@
 """A search times each inference graph once: trials whose exported model is the same graph share its latency.
 
 Trials that differ only in what training uses (dropout, learning rates, unfrozen blocks, the schedule) export
-the same graph: dropout is the identity at inference and trainability is not in the file. Converting a trial
-to TFLite and timing it (20-40 s for MobileNetV2 at 224 px on 2 cores) then measures the same thing again, so the first such trial
-of the process is timed and later ones take its figures, tagged with the trial they come from. The key is
-what `build_classifier` puts into the graph (backbone settings, weights source, head pooling and hidden
-layers, classes) and how it is timed (`latency.*`). A resumed search times each graph again once.
+the same graph: dropout is the identity at inference and trainability is not in the file. Converting such a
+trial to TFLite and timing it again (20-40 s for MobileNetV2 at 224 px on 2 cores) would measure the same
+thing, so the first trial of a graph in this process is timed and later ones take its figures, tagged with
+the trial they come from. The key is what `build_classifier` puts into the graph (backbone settings, weights
+source, head pooling and hidden layers, classes) and how it is timed (`latency.*`). A resumed search times
+each graph once again.
 """
 
 from __future__ import annotations
