@@ -167,7 +167,8 @@ def tune_job(cfg: DictConfig, run_dir: Path, tags: dict[str, str] | None = None)
         print(f"Best trial {best.trial_id} ({best.hyperparameters.values}); retraining with the full schedule.")
         best_dir = _best_dir(run_dir)
         _hand_over_caches(run_dir, best_dir)
-        metrics = run_job(best_cfg, best_dir, tags={"kind": "best", "best_trial": best.trial_id}, data=data, nested=True)
+        metrics = run_job(best_cfg, best_dir, tags={"kind": "best", "best_trial": best.trial_id}, data=data,
+                          nested=True)
         mlflow.log_metrics({f"best.{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     return metrics
 
