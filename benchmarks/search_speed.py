@@ -47,6 +47,7 @@ class Side:
     """One side's measurements."""
 
     cache: str
+    asked: int  # tuner.max_trials
     total_s: float = 0.0
     search_s: float = 0.0
     trial_ends: dict[str, float] = field(default_factory=dict)  # trial id -> seconds from the start when it ended
@@ -125,7 +126,7 @@ def read_mlflow(side: Side, scratch: Path) -> None:
         ended = side.trial_ends.get(tags["trial_id"], float("nan"))
         side.trials.append({
             "id": tags["trial_id"], "seconds": ended - previous_end,
-            "alpha": params.get("hp.alpha", "?"), "dropout": float(params.get("hp.dropout", "nan")),
+            "alpha": params.get("hp.alpha", "?"), "dropout": round(float(params.get("hp.dropout", "nan")), 3),
             "feature_cache_reused": tags.get("feature_cache_reused", "-"),
             "latency_reused": tags.get("latency_reused", "-"),
             "val_accuracy": metrics.get("final_val_accuracy", float("nan")),
@@ -141,7 +142,7 @@ def read_mlflow(side: Side, scratch: Path) -> None:
 
 def run_side(args: argparse.Namespace, cache: str) -> Side:
     scratch = Path(tempfile.mkdtemp(prefix=f"search-speed-cache-{cache}-"))
-    side = Side(cache, load=load_average())
+    side = Side(cache, args.trials, load=load_average())
     print(f"\ntrain.feature_cache={cache}: {args.trials} trials in {scratch} ({side.load})", flush=True)
     command = [sys.executable, "-m", "finetune", *overrides(args, cache, scratch)]
     run_cli(command, scratch, side)
@@ -163,6 +164,9 @@ def describe(side: Side) -> str:
         lines.append(f"    {trial['id']:>3}  {trial['alpha']:>4}  {trial['dropout']:.1f}  {trial['seconds']:6.1f}  "
                      f"{trial['feature_cache_reused']:<12}  {trial['latency_reused']:<14}  {trial['val_accuracy']:.3f}")
     seconds = [trial["seconds"] for trial in side.trials]
+    if len(seconds) < side.asked:  # 2 alphas x 6 dropouts = 12 combinations in all
+        lines.append(f"  {len(seconds)} of the {side.asked} trials asked ran: Keras-Tuner's random oracle stops after "
+                     "more than 20 draws in a row of combinations already tried")
     if seconds:
         lines.append(f"  trials: {sum(seconds):.0f} s in all, {sum(seconds) / len(seconds):.1f} s mean, "
                      f"first {seconds[0]:.1f} s, later ones {sum(seconds[1:]) / max(len(seconds) - 1, 1):.1f} s mean")
