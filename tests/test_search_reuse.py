@@ -76,7 +76,7 @@ def runs_of_kind(cfg, kind: str) -> list:
     return client.search_runs([experiment.experiment_id], f"tags.kind = '{kind}'")
 
 
-def test_the_best_trials_retrain_takes_over_the_search_cache_in_process_or_from_its_files(
+def test_a_retrain_resumed_after_a_kill_reads_the_search_cache_files_it_took_over(
         tmp_path: Path, tiny_images: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = search_cfg(tiny_images, tmp_path, "tuner.max_trials=1", "tuner.alpha=[1.0]", "train.feature_cache=true",
                      f"backbone.weights={V3_SMALL}", "train.feature_views=2", "tuner.phase2_epochs=1")
