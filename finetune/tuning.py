@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import keras_tuner as kt
 import mlflow
 from omegaconf import DictConfig, OmegaConf
 
-from finetune import cost, feature_cache, interrupts, search_cluster, tracking, trial_memory
+from finetune import cost, feature_cache, interrupts, search_cluster, tracking, trial_latency, trial_memory
 from finetune.backbone_search import trial_backbone
 from finetune.model import build_classifier
 from finetune.export import calibration_images
@@ -59,6 +60,7 @@ class TwoPhaseTuner(kt.Tuner):
         self.cfg = cfg
         self.data = data
         self.parent_run_id: str | None = None  # the search's MLflow run; a worker's is the chief's (search_cluster)
+        self.latencies = trial_latency.TrialLatencies()  # each inference graph timed once (trial_latency)
 
     def run_trial(self, trial: kt.engine.trial.Trial, *args: Any, **kwargs: Any) -> dict[str, float]:
         interrupts.check()
@@ -76,8 +78,9 @@ class TwoPhaseTuner(kt.Tuner):
             feeds = self.data.feeds(trial_cfg, model, Path(self.project_dir).parent)  # one cache folder for all trials
             with trial_memory.released_training_graphs():  # with clear_session, memory stays flat (keras-tuner#395)
                 phases = train_two_phases(model, trial_cfg, feeds, trial_dir, RunState(trial_dir / "state.json"))
-            with ModelFiles(model, None, partial(calibration_images, trial_cfg, self.data.splits)) as files:
-                shipped, keras_figure = model_latencies(files, trial_cfg)
+            timed = self.latencies.measure(trial_latency.graph_key(trial_cfg, self.data.num_classes), trial.trial_id,
+                                           partial(self._measure_latencies, model, trial_cfg))
+            shipped, keras_figure = timed.shipped, timed.keras_figure
             budget = self.cfg.tuner.max_latency_ms
             metrics = {
                 "val_accuracy": max(result.best_val_accuracy for result in phases.values()),
@@ -88,10 +91,17 @@ class TwoPhaseTuner(kt.Tuner):
             }
             # per-epoch val_accuracy is already logged by step; the kept (best) value goes under its own name
             mlflow.log_metrics({("final_val_accuracy" if k == "val_accuracy" else k): v for k, v in metrics.items()})
-            mlflow.set_tags(latency_tags(shipped, keras_figure))
+            reused = trial_latency.reuse_tag(timed, trial.trial_id)
+            mlflow.set_tags({**latency_tags(shipped, keras_figure), **reused})
         print(f"Trial {trial.trial_id}: val_accuracy {metrics['val_accuracy']:.3f}, "
-              f"latency {shipped.median_ms:.2f} ms ({shipped.describe()}), {hp.values}", flush=True)
+              f"latency {shipped.median_ms:.2f} ms ({shipped.describe()}; reused: {reused['latency_reused']}), "
+              f"{hp.values}", flush=True)
         return metrics
+
+    def _measure_latencies(self, model: keras.Model, trial_cfg: DictConfig) -> tuple[cost.Latency, cost.Latency]:
+        """The trial's model converted to its headline TFLite file and timed, with the Keras model's figure."""
+        with ModelFiles(model, None, partial(calibration_images, trial_cfg, self.data.splits)) as files:
+            return model_latencies(files, trial_cfg)
 
 
 def make_oracle(search: DictConfig, seed: int) -> kt.Oracle:
@@ -140,11 +150,11 @@ def tune_job(cfg: DictConfig, run_dir: Path, tags: dict[str, str] | None = None)
             search_cluster.serve_oracle(tuner)
         else:
             tuner.search()
-        feature_cache.remove_files(run_dir)
         finished = tuner.oracle.get_best_trials(num_trials=len(tuner.oracle.trials))
         best = best_within_budget(finished, cfg.tuner.max_latency_ms)
         mlflow.log_metrics({"trials": len(finished)})
         if best is None:
+            feature_cache.remove_files(run_dir)
             print(f"No trial met tuner.max_latency_ms={cfg.tuner.max_latency_ms}; nothing retrained.")
             mlflow.set_tag("best_trial", "none within the latency budget")
             return None
@@ -155,8 +165,10 @@ def tune_job(cfg: DictConfig, run_dir: Path, tags: dict[str, str] | None = None)
         best_cfg.train.phase2.epochs = cfg.train.phase2.epochs
         best_cfg.mlflow.run_name = f"{tracking.run_label(best_cfg)} best (trial {best.trial_id})"
         print(f"Best trial {best.trial_id} ({best.hyperparameters.values}); retraining with the full schedule.")
-        metrics = run_job(best_cfg, _best_dir(run_dir), tags={"kind": "best", "best_trial": best.trial_id},
-                          data=data, nested=True)
+        best_dir = _best_dir(run_dir)
+        _hand_over_caches(run_dir, best_dir)
+        metrics = run_job(best_cfg, best_dir, tags={"kind": "best", "best_trial": best.trial_id}, data=data,
+                          nested=True)
         mlflow.log_metrics({f"best.{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     return metrics
 
@@ -167,6 +179,17 @@ def _search_as_worker(cfg: DictConfig, tuner: TwoPhaseTuner) -> None:
     tuner.search()
     feature_cache.remove_files(Path(tuner.project_dir).parent)
     print(f"{tuner.tuner_id}: the chief's oracle has no trial left; the chief retrains the best.", flush=True)
+
+
+def _hand_over_caches(run_dir: Path, best_dir: Path) -> None:
+    """The search's feature-cache files become the retrain's (whose train stage deletes them once trained).
+
+    In this process the retrain takes the best trial's cache from memory; the files serve a retrain resumed in
+    a new process (after a kill), which reads them instead of filling them again."""
+    searched, retrain = run_dir / feature_cache.CACHE_DIR, best_dir / feature_cache.CACHE_DIR
+    if searched.exists() and not retrain.exists():
+        os.replace(searched, retrain)
+    feature_cache.remove_files(run_dir)
 
 
 def _best_dir(run_dir: Path) -> Path:
