@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import quick_overrides
-from conftest import SHARED_WEIGHTS
+from conftest import SHARED_WEIGHTS, quick_overrides
 from finetune import feature_cache, tuning
 from finetune.config import compose
 from finetune.run import prepare_data
