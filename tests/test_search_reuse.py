@@ -75,6 +75,7 @@ def runs_of_kind(cfg, kind: str) -> list:
     return client.search_runs([experiment.experiment_id], f"tags.kind = '{kind}'")
 
 
+@pytest.mark.slow  # a search and a full retrain in process: ~50 s, the default tier's slowest test
 def test_a_retrain_resumed_after_a_kill_reads_the_search_cache_files_it_took_over(
         tmp_path: Path, tiny_images: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = search_cfg(tiny_images, tmp_path, "tuner.max_trials=1", "tuner.alpha=[1.0]", "train.feature_cache=true",
