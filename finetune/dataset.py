@@ -7,19 +7,18 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator, Protocol
+from typing import ClassVar, Iterator, Protocol
 
-import keras
 import numpy as np
 import tensorflow as tf
 from sklearn.model_selection import train_test_split
 
+from finetune.augment import Augmenter
 from finetune.config import UsageError
 from finetune.decode_check import IMAGE_EXTENSIONS, cache_file_for, check_files, file_stats, stats_version
 from finetune.image_cache import ImageCache
 
 SPLITS = ("train", "val", "test")
-Augmenter = Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]  # (images, labels) batch in and out
 
 
 class ImageSource(Protocol):
@@ -222,46 +221,6 @@ def read_splits(csv_path: Path, source: ImageSource, class_names: list[str]) -> 
             splits[row["split"]].paths.append(source.image_id(row["path"]))
             splits[row["split"]].labels.append(class_names.index(row["class"]))
     return splits
-
-
-AUGMENTATIONS = ("flip", "rotation", "zoom", "mixup")
-
-
-def augmentation_seeds(seed: int) -> dict[str, int]:
-    """One seed per augmentation, each a child of the run seed (NumPy's SeedSequence spawning).
-
-    Keras layers given the same integer seed draw the same random numbers, so one shared seed would flip,
-    rotate and zoom every image in lockstep. Seeds stay non-negative int32, which every Keras backend takes.
-    """
-    children = np.random.SeedSequence(seed).spawn(len(AUGMENTATIONS))
-    return {name: int(child.generate_state(1)[0]) & 0x7FFFFFFF for name, child in zip(AUGMENTATIONS, children)}
-
-
-def make_augmenter(augment_cfg: Any, seed: int) -> Augmenter | None:
-    """Random flip/rotation/zoom, then MixUp of images and labels; applied in tf.data, never exported."""
-    seeds = augmentation_seeds(seed)
-    layers = []
-    if augment_cfg.flip:
-        layers.append(keras.layers.RandomFlip("horizontal", seed=seeds["flip"]))
-    if augment_cfg.rotation:
-        layers.append(keras.layers.RandomRotation(augment_cfg.rotation, fill_mode="reflect", seed=seeds["rotation"]))
-    if augment_cfg.zoom:
-        zoom_range = (-augment_cfg.zoom, augment_cfg.zoom)
-        layers.append(keras.layers.RandomZoom(zoom_range, fill_mode="reflect", seed=seeds["zoom"]))
-    geometric = keras.Sequential(layers, name="augment") if layers else None
-    mixup = keras.layers.MixUp(alpha=augment_cfg.mixup, seed=seeds["mixup"]) if augment_cfg.mixup else None
-    if geometric is None and mixup is None:
-        return None
-
-    def augment(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        if geometric is not None:
-            images = geometric(images, training=True)
-        if mixup is not None:
-            mixed = mixup({"images": images, "labels": labels}, training=True)
-            images, labels = mixed["images"], mixed["labels"]
-        return images, labels
-
-    return augment
 
 
 def make_dataset(

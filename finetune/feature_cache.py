@@ -35,8 +35,9 @@ import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
 from finetune import interrupts
+from finetune.augment import make_augmenter
 from finetune.backbones import BACKBONES
-from finetune.dataset import Split, make_augmenter, make_dataset
+from finetune.dataset import Split, make_dataset
 from finetune.image_cache import ImageCache
 from finetune.model import POOL_LAYER, block_map, model_backbone, top_blocks
 from finetune.trainer import Feed, Feeds, ImageFeeds

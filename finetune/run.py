@@ -17,13 +17,13 @@ import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
 from finetune import cost, distribute, feature_cache, image_cache, interrupts, tracking
+from finetune.augment import make_augmenter
 from finetune.backbones import BACKBONES
 from finetune.dataset import (
     SPLITS,
     ImageFolder,
     Split,
     load_images,
-    make_augmenter,
     make_dataset,
     split_fingerprint,
     split_folder,
