@@ -211,11 +211,12 @@ def candidates(saved_model: Path, data: Int8Data, representative_images: int, in
     base = min(representative_images, data.training_count)
     yield _timed("int8", base, plain or (lambda: convert_int8(saved_model, images(base))))
     more = min(2 * representative_images, data.training_count)
+    calibrated = cache(lambda: calibrate(saved_model, images(more)))  # recipes 2 to 3 quantize this one calibration
     if more > base:
-        yield _timed("int8_more_calibration", more, lambda: convert_int8(saved_model, images(more)))
+        yield _timed("int8_more_calibration", more, lambda: quantize_except(calibrated(), []))
     if integer_only:
         return
-    yield from float_op_candidates(saved_model, images(more), FLOAT_OPS_KEPT)
+    yield from float_op_candidates(calibrated, images(more)[:DEBUG_IMAGES], more, FLOAT_OPS_KEPT)
     yield _timed("int16x8", more, lambda: convert_int16x8(saved_model, images(more)))
 
 
@@ -269,23 +270,37 @@ def convert_int8(saved_model: Path, calibration: np.ndarray) -> bytes:
     return model
 
 
-def float_op_candidates(saved_model: Path, calibration: np.ndarray, counts: Iterable[int]) -> Iterator[Candidate]:
+def calibrate(saved_model: Path, calibration: np.ndarray) -> bytes:
+    """The float TFLite model with every tensor's range recorded on these images, not yet quantized.
+
+    What the converter quantizes for recipes 1 and 2, calibrated once for recipes 2 and 3 (QuantizationDebugger
+    asks the converter for it the same way).
+    """
+    converter = _int8_converter(saved_model, calibration)
+    converter._experimental_calibrate_only = True
+    return converter.convert()
+
+
+def float_op_candidates(calibrated: Callable[[], bytes], debug_images: np.ndarray, calibration_images: int,
+                        counts: Iterable[int]) -> Iterator[Candidate]:
     """Recipe 3: int8 files with the `count` ops of largest quantization error kept float, for each count."""
+    from tensorflow.lite.python import convert  # the MLIR quantizer the converter itself calls
+
     started = time.perf_counter()
+    # instrumented as QuantizationDebugger instruments it: each quantized op beside its float twin
+    debug_model = convert.mlir_quantize(calibrated(), enable_numeric_verify=True)
     with warnings.catch_warnings():  # the debugger runs TensorFlow's own (deprecated) tf.lite.Interpreter
         warnings.simplefilter("ignore", UserWarning)
-        debugger = tf.lite.experimental.QuantizationDebugger(
-            converter=_int8_converter(saved_model, calibration), debug_dataset=lambda: iter(()))  # calibrates
-        ranked = rank_ops(debugger.get_debug_quantized_model(), calibration[:DEBUG_IMAGES])
+        ranked = rank_ops(debug_model, debug_images)
     ranking_seconds = time.perf_counter() - started
     for count in counts:
         if count > len(ranked):
             return
         started = time.perf_counter()
-        model = quantize_except(debugger.calibrated_model, ranked[:count])
+        model = quantize_except(calibrated(), ranked[:count])
         seconds = time.perf_counter() - started + ranking_seconds
         ranking_seconds = 0.0
-        yield Candidate("int8_float_ops", model, len(calibration), seconds, float_ops_asked=ranked[:count])
+        yield Candidate("int8_float_ops", model, calibration_images, seconds, float_ops_asked=ranked[:count])
 
 
 def rank_ops(debug_model: bytes, images: np.ndarray) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import keras
@@ -264,6 +265,29 @@ def test_ops_kept_float_rescue_what_calibration_cannot(outlier: tuple[Path, Int8
     assert "| accuracy loss | +0.0000 | +0.5000 |" in card
 
 
+def test_one_calibration_serves_recipes_2_and_3(outlier: tuple[Path, Int8Data], monkeypatch: pytest.MonkeyPatch,
+                                                tmp_path: Path) -> None:
+    """The SavedModel is converted once for plain int8 and once for the shared calibration, not once per recipe."""
+    saved_model, data = outlier
+    from_saved_model = tf.lite.TFLiteConverter.from_saved_model
+    conversions = []
+    monkeypatch.setattr(tf.lite.TFLiteConverter, "from_saved_model",
+                        lambda *args, **kwargs: conversions.append(1) or from_saved_model(*args, **kwargs))
+    choice = choose_int8(KerasLike(OutlierBrightness()), saved_model, data, export_cfg(), LATENCY_CFG)
+    assert [t["recipe"] for t in choice.tried][:3] == ["int8", "int8_more_calibration", "int8_float_ops"]
+    assert len(conversions) == 2
+    # the second recipe quantized from that calibration is the file the converter makes from the same images
+    calibration = data.training_images(40)
+    shared = quantization.quantize_except(quantization.calibrate(saved_model, calibration), [])
+    converted = quantization.convert_int8(saved_model, calibration)
+    outputs = []
+    for name, model in (("shared", shared), ("converted", converted)):
+        (tmp_path / f"{name}.tflite").write_bytes(model)
+        outputs.append(TFLitePredictor(tmp_path / f"{name}.tflite", threads=1)(data.val_images))
+    np.testing.assert_array_equal(*outputs)
+    assert quantization.float_ops(shared) == [] and quantization.is_integer_only(shared)
+
+
 def test_integer_only_keeps_integer_recipes_and_reports_the_drop(outlier: tuple[Path, Int8Data]) -> None:
     saved_model, data = outlier
     choice = choose_int8(KerasLike(OutlierBrightness()), saved_model, data, export_cfg(integer_only=True), LATENCY_CFG)
@@ -292,7 +316,8 @@ def test_each_recipe_file_runs_in_litert_as_predict_feeds_it(recipe: str, outlie
     elif recipe == "int16x8":
         model = quantization.convert_int16x8(saved_model, calibration)
     else:
-        model = next(quantization.float_op_candidates(saved_model, calibration, [2])).model
+        calibrated = partial(quantization.calibrate, saved_model, calibration)
+        model = next(quantization.float_op_candidates(calibrated, calibration, len(calibration), [2])).model
     path = tmp_path / "model.tflite"
     path.write_bytes(model)
     predictor = TFLitePredictor(path, threads=1)
@@ -321,7 +346,8 @@ def test_ops_are_ranked_by_their_quantization_error(tmp_path: Path) -> None:
     """`scaled` rounds to zero in int8 (noise-to-signal 1): it is the op kept float first."""
     calibration = np.random.default_rng(0).integers(0, 200, (30, SIZE, SIZE, 3)).astype("uint8")
     calibration[-1] = 255
-    kept = next(quantization.float_op_candidates(saved(Blowup(), tmp_path / "sm"), calibration, [1]))
+    calibrated = partial(quantization.calibrate, saved(Blowup(), tmp_path / "sm"), calibration)
+    kept = next(quantization.float_op_candidates(calibrated, calibration, len(calibration), [1]))
     assert kept.float_ops_asked == ["scaled"]
     assert quantization.float_ops(kept.model) == ["MUL scaled"]
 
