@@ -23,18 +23,15 @@ from __future__ import annotations
 import argparse
 import collections
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-WEIGHTS = ROOT.parent / "shared" / "weights"
-BACKBONES = {  # as benchmarks/speed.py
-    "v3_small": ["backbone=mobilenet_v3_small",
-                 f"backbone.weights={WEIGHTS / 'mobilenet_v3_small_1.0_224_no_top__dequant_slim_uint8_tflite.h5'}"],
-    "v2_035": ["backbone=mobilenet_v2", "backbone.alpha=0.35", f"weights_dir={WEIGHTS}"],
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from resplit import BACKBONES  # noqa: E402
+
 COMMON = ["backbone.input_size=224", "backbone.unfreeze_blocks=4"]
 CLASSES, TRAIN_IMAGES = 5, 653  # the shared flowers' re-split: 653 training images (21 steps an epoch at 32)
 

@@ -20,14 +20,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from resplit import OUT, ROOT, SHARED_FLOWERS, build_pool, run_seed  # noqa: E402
+from resplit import BACKBONES, OUT, ROOT, SHARED_FLOWERS, build_pool, run_seed  # noqa: E402
 
-WEIGHTS = ROOT.parent / "shared" / "weights"
-BACKBONES = {  # as benchmarks/flowers.sh
-    "v3_small": ["backbone=mobilenet_v3_small",
-                 f"backbone.weights={WEIGHTS / 'mobilenet_v3_small_1.0_224_no_top__dequant_slim_uint8_tflite.h5'}"],
-    "v2_035": ["backbone=mobilenet_v2", "backbone.alpha=0.35", f"weights_dir={WEIGHTS}"],
-}
 MODES = {"cached": "train.feature_cache=true", "images": "train.feature_cache=false"}
 
 

@@ -56,7 +56,7 @@ class ImageCache:
         """On disk: prune the tool's older snapshots to disk_gb (data.cache_disk_gb) before this run uses them."""
         if self.mode != "disk":
             return []
-        return prune(self.directory / SNAPSHOTS, disk_gb * 1e9)
+        return prune_snapshots(self.directory / SNAPSHOTS, disk_gb * 1e9)
 
     def shuffle_buffer(self, images: int, size: int) -> int:
         """Elements a shuffle may hold: all of them in memory (the cache holds them anyway), else a bounded share."""
@@ -104,7 +104,7 @@ def folder_bytes(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
 
-def prune(snapshots: Path, budget_bytes: float) -> list[Path]:
+def prune_snapshots(snapshots: Path, budget_bytes: float) -> list[Path]:
     """Remove the snapshots this tool made (those with its marker), least recently used first, until the rest take
     at most budget_bytes; those used in the last IN_USE_SECONDS stay whatever they take. Returns the removed ones."""
     if not snapshots.is_dir():

@@ -175,7 +175,7 @@ class Data:
     batch_size: int = leaf(at_least(1))
     cache: str = leaf(Rule(choices=("auto", "memory", "disk", "none")))  # decoded images: finetune/image_cache.py
     cache_dir: str = leaf(Rule(free="a folder for scan results and decoded images (never the image folder)"))
-    cache_disk_gb: float = leaf(POSITIVE)  # the decoded-image snapshots in cache_dir, pruned to it: image_cache.prune
+    cache_disk_gb: float = leaf(POSITIVE)  # the decoded-image snapshots in cache_dir, pruned to it: image_cache.prune_snapshots
     augment: Augment = field(default_factory=Augment)
 
 
