@@ -214,16 +214,16 @@ def test_two_workers_from_tf_config_train_one_model_and_only_the_chief_records(t
     assert all(port_is_free(port) for port in ports)
 
 
-def search_overrides(data: Path, run_dir: Path) -> list[str]:
+def search_overrides(data: Path, run_dir: Path, trials: int) -> list[str]:
     return quick_overrides(data, run_dir, "mode=tune", "tuner.alpha=[0.75,1.0]", "tuner.phase1_epochs=1",
                            "tuner.phase2_epochs=0", "train.phase1.epochs=1", "train.phase2.epochs=0",
-                           "tuner.max_trials=3")
+                           f"tuner.max_trials={trials}")
 
 
-def start_search(tmp_path: Path, data: Path, port: int, round_name: str) -> dict[str, subprocess.Popen]:
+def start_search(tmp_path: Path, data: Path, port: int, round_name: str, trials: int = 3) -> dict[str, subprocess.Popen]:
     """A chief and two workers on 127.0.0.1:port, each in its own run folder (the same folders every round)."""
     return {
-        tuner_id: start(search_overrides(data, tmp_path / tuner_id), tmp_path,
+        tuner_id: start(search_overrides(data, tmp_path / tuner_id, trials), tmp_path,
                         {"KERASTUNER_TUNER_ID": tuner_id, "KERASTUNER_ORACLE_IP": "127.0.0.1",
                          "KERASTUNER_ORACLE_PORT": str(port)}, tmp_path / f"{tuner_id}{round_name}.log")
         for tuner_id in ("chief", "tuner0", "tuner1")
@@ -259,23 +259,27 @@ def test_a_chief_and_two_tuner_workers_run_every_trial_once_under_one_parent(tmp
 
 @pytest.mark.slow
 def test_an_interrupted_distributed_search_resumes(tmp_path: Path, tiny_images: Path) -> None:
-    port = free_port()
-    processes = start_search(tmp_path, tiny_images, port, "-1")
+    port, trials = free_port(), 8  # enough that the search is still running when trial 0 is done (trials are seconds)
+    processes = start_search(tmp_path, tiny_images, port, "-1", trials)
     first_done = tmp_path / "chief" / "tuner" / "trial_0" / "trial.json"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and not (
             first_done.exists() and json.loads(first_done.read_text()).get("status") == "COMPLETED"):
-        time.sleep(1)
-    for tuner_id in ("tuner0", "tuner1", "chief"):  # workers first: the chief then has nobody to wait for
-        processes[tuner_id].send_signal(signal.SIGTERM)
-        processes[tuner_id].wait(timeout=300)
+        time.sleep(0.2)
+    workers = (processes["tuner0"], processes["tuner1"])
+    for worker in workers:  # both at once, workers first: the chief then has nobody to wait for
+        worker.send_signal(signal.SIGTERM)
+    for worker in workers:
+        worker.wait(timeout=300)
+    processes["chief"].send_signal(signal.SIGTERM)
+    processes["chief"].wait(timeout=300)
     assert processes["chief"].returncode == 130  # a worker told "no trial left" just before may have ended (0)
     assert {processes[name].returncode for name in ("tuner0", "tuner1")} <= {0, 130}
     assert [run.info.status for run in runs(tmp_path) if run.data.tags.get("kind") == "search"] == ["KILLED"]
 
-    resumed = start_search(tmp_path, tiny_images, port, "-2")
+    resumed = start_search(tmp_path, tiny_images, port, "-2", trials)
     outputs = finish(resumed)
     assert all(process.returncode == 0 for process in resumed.values()), outputs
     assert not any("Trial 0:" in output for output in outputs.values())  # the finished trial is not run again
-    assert_one_search(tmp_path, trials=3)
+    assert_one_search(tmp_path, trials=trials)
     assert port_is_free(port)
