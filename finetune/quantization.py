@@ -211,7 +211,7 @@ def candidates(saved_model: Path, data: Int8Data, representative_images: int, in
     base = min(representative_images, data.training_count)
     yield _timed("int8", base, plain or (lambda: convert_int8(saved_model, images(base))))
     more = min(2 * representative_images, data.training_count)
-    calibrated = cache(lambda: calibrate(saved_model, images(more)))  # recipes 2 to 3 quantize this one calibration
+    calibrated = cache(lambda: calibrate(saved_model, images(more)))  # recipes 2 and 3 quantize this one calibration
     if more > base:
         yield _timed("int8_more_calibration", more, lambda: quantize_except(calibrated(), []))
     if integer_only:
