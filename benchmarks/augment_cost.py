@@ -16,28 +16,29 @@ from __future__ import annotations
 import argparse
 import resource
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import keras
 import tensorflow as tf
-from omegaconf import OmegaConf
 
 from finetune.augment import augmentation_seeds, make_augmenter
+from finetune.config import compose
 from finetune.dataset import make_dataset, scan_folder, split_folder
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_FLOWERS = ROOT.parent / "shared" / "data" / "flower_photos"
-DEFAULTS = OmegaConf.create({"flip": True, "rotation": 0.1, "zoom": 0.1, "mixup": 0.0})  # conf/data/flowers.yaml
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from resplit import SHARED_FLOWERS  # noqa: E402
 
 
-def keras_layers(seed: int):
-    """The augmentation before finetune.augment: Keras's three layers, stacked, with the default settings."""
+def keras_layers(augment_cfg: Any, seed: int):
+    """The augmentation before finetune.augment: Keras's three layers, stacked, with these settings."""
     seeds = augmentation_seeds(seed)["geometric"]
     stack = keras.Sequential([keras.layers.RandomFlip("horizontal", seed=seeds),
-                              keras.layers.RandomRotation(DEFAULTS.rotation, fill_mode="reflect", seed=seeds + 1),
-                              keras.layers.RandomZoom((-DEFAULTS.zoom, DEFAULTS.zoom), fill_mode="reflect",
+                              keras.layers.RandomRotation(augment_cfg.rotation, fill_mode="reflect", seed=seeds + 1),
+                              keras.layers.RandomZoom((-augment_cfg.zoom, augment_cfg.zoom), fill_mode="reflect",
                                                       seed=seeds + 2)])
     return lambda images, labels: (stack(images, training=True), labels)
 
@@ -62,7 +63,8 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         train = split_folder(scan_folder(SHARED_FLOWERS, scratch), 0.15, 0.15, seed=0)["train"]
-        sides = {"keras layers": keras_layers(0), "one resampling": make_augmenter(DEFAULTS, 0)}
+        augment_cfg = compose([]).data.augment  # the defaults of conf/data/flowers.yaml
+        sides = {"keras layers": keras_layers(augment_cfg, 0), "one resampling": make_augmenter(augment_cfg, 0)}
         pipelines = {name: make_dataset(train, 5, args.size, 32, augmenter, seed=0) for name, augmenter in sides.items()}
         for pipeline in pipelines.values():
             epoch_cost(pipeline)  # decode into the cache, trace the functions
