@@ -5,6 +5,7 @@ Config errors and refused run folders exit 2 with one line, before anything is w
 
 from __future__ import annotations
 
+import errno
 import importlib
 import itertools
 import shutil
@@ -30,6 +31,7 @@ SUBCOMMANDS = {
 }
 USAGE_EXIT = 2
 INTERRUPT_EXIT = 130
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 failed_jobs: list[str] = []  # multirun jobs stopped by a config error; the sweep exits 2 after the others ran
 
 
@@ -37,6 +39,16 @@ def fail(error: UsageError) -> None:
     """Print the one-line reason and exit with status 2."""
     print(f"finetune: error: {error}", file=sys.stderr)
     sys.exit(USAGE_EXIT)
+
+
+def disk_full(error: BaseException | None) -> bool:
+    """Whether the error, or one it arose from, is a full disk or quota (TensorFlow's own file errors say so in
+    their message only)."""
+    while error is not None:
+        if getattr(error, "errno", None) in DISK_FULL or "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -154,9 +166,15 @@ def _hydra_app(cfg: DictConfig) -> None:
               f"rerun the same command with hydra.run.dir={run_dir} to retry the export only)", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        overrides = " ".join(hydra_cfg.overrides.task)
-        print(
-            f"\nInterrupted. Resume with:\n  python -m finetune {overrides} hydra.run.dir={run_dir}",
-            file=sys.stderr,
-        )
+        print(f"\nInterrupted. Resume with:\n  {_resume_command(run_dir)}", file=sys.stderr)
         sys.exit(INTERRUPT_EXIT)
+    except Exception as error:
+        if not disk_full(error):
+            raise
+        print(f"finetune: the disk is full ({error}); what the run finished is kept. Free some space and resume "
+              f"with:\n  {_resume_command(run_dir)}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _resume_command(run_dir: Path) -> str:
+    return f"python -m finetune {' '.join(HydraConfig.get().overrides.task)} hydra.run.dir={run_dir}"

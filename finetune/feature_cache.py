@@ -13,7 +13,9 @@ reuses what is there), read into memory while every cache of the process fits in
 beside the decoded images held in memory
 (else memory-mapped from disk), and kept in the process for later trials of a search. A cache's key is
 everything upstream of its tensors (backbone settings and weights, input size, split, augmentation and
-seed, views, the phase-2 cut), so trials that share all of it share one cache.
+seed, views, the phase-2 cut), so trials that share all of it share one cache. Files that would not leave
+`DISK_HEADROOM_BYTES` free are not written: phase 2 then trains on images, and both phases when even the
+pooled features do not fit; the run says so.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from finetune.model import POOL_LAYER, block_map, model_backbone, top_blocks
 from finetune.trainer import Feed, Feeds, ImageFeeds
 
 CACHE_DIR = "feature_cache"  # in the run folder (a search's: shared by its trials)
+DISK_HEADROOM_BYTES = 1e9  # left free beside the cache files, for the checkpoints, the export and MLflow
 POOLED, BOUNDARY = "pooled", "boundary"  # the cached tensors: the head's input, the phase-2 top's input
 GEOMETRIC = ("flip", "rotation", "zoom")  # the augmentations a view can hold (MixUp trains uncached)
 
@@ -171,11 +174,36 @@ class CachedFeeds:
         backbone = model_backbone(model)
         phase2 = cfg.backbone.unfreeze_blocks > 0 and cfg.train.phase2.epochs > 0
         cut = phase2_cut(backbone, BACKBONES[cfg.backbone.name], cfg.backbone.unfreeze_blocks) if phase2 else None
+        self.phase2_on_images = None if cut else "no single tensor enters the unfrozen blocks"
         self.cut = cut_classifier(model, cut)
-        self.key = cache_key(cfg, backbone, fingerprint, self.views, self.cut.boundary)
-        self.folder = folder / self.key
-        self.record: dict[str, Any] = {"feature_cache_views": self.views, "feature_cache_key": self.key}
+        self.record: dict[str, Any] = {"feature_cache_views": self.views}
+        self._keyed(cache_key(cfg, backbone, fingerprint, self.views, self.cut.boundary), folder)
+        if cut is not None and not self.fits_on_disk():
+            self.phase2_on_images = (f"the cache files with phase 2's activations ({self.bytes_to_write() / 1e9:.2f} GB) "
+                                     f"would leave less than {DISK_HEADROOM_BYTES / 1e9:g} GB free in {folder}")
+            self.record["feature_cache_boundary"] = "none (disk)"
+            self.cut = cut_classifier(model, None)
+            self._keyed(cache_key(cfg, backbone, fingerprint, self.views, None), folder)
         self._tensors: CachedTensors | None = None
+
+    def _keyed(self, key: str, folder: Path) -> None:
+        self.key, self.folder = key, folder / key
+        self.record["feature_cache_key"] = key
+
+    def bytes_to_write(self) -> int:
+        """What the cache files not yet written will take (nothing when this process holds the cache)."""
+        if self.key in _IN_PROCESS:
+            return 0
+        views = [None, *range(self.views)]
+        counts = {view: len(self.splits["val" if view is None else "train"].labels) for view in views}
+        shapes = dict(zip(self.cut.names, (output.shape[1:] for output in self.cut.extractor.outputs)))
+        return sum(4 * counts[view] * int(np.prod(shapes[name])) for view in counts
+                   for name, path in self._paths(view).items() if not path.exists())
+
+    def fits_on_disk(self) -> bool:
+        """Whether the files still to write leave DISK_HEADROOM_BYTES free where they go."""
+        existing = next(path for path in (self.folder, *self.folder.parents) if path.exists())
+        return self.bytes_to_write() + DISK_HEADROOM_BYTES <= shutil.disk_usage(existing).free
 
     def phase1(self) -> Feed:
         tensors = self.tensors()
@@ -184,7 +212,7 @@ class CachedFeeds:
 
     def phase2(self) -> Feed:
         if self.cut.top is None:
-            print("Feature cache: no single tensor enters the unfrozen blocks; phase 2 trains on images.", flush=True)
+            print(f"Feature cache: {self.phase2_on_images}; phase 2 trains on images.", flush=True)
             return self.images.phase2()
         tensors = self.tensors()
         return Feed(self.cut.top, self._batches(tensors.train[BOUNDARY], "train"),
@@ -257,8 +285,8 @@ class CachedFeeds:
         print(f"Feature cache: {self.views} view(s) of {len(self.splits['train'].labels)} training images and the "
               f"{len(self.splits['val'].labels)} validation images, {cut}; {self.record['feature_cache_mb']} MB "
               f"{where}; reused: {reused}; {seconds:.1f} s", flush=True)
-        self.record.update(feature_cache_reused=reused, feature_cache_seconds=seconds,
-                           feature_cache_boundary=self.cut.boundary or "none")
+        self.record.update(feature_cache_reused=reused, feature_cache_seconds=seconds)
+        self.record.setdefault("feature_cache_boundary", self.cut.boundary or "none")
         mlflow.set_tags({key: str(value) for key, value in self.record.items() if key != "feature_cache_seconds"})
 
 
@@ -268,6 +296,8 @@ def _write_outputs(extractor: keras.Model, batches: tf.data.Dataset, count: int,
     outputs = dict(zip(paths, extractor.outputs))
     arrays = {name: np.lib.format.open_memmap(partials[name], mode="w+", dtype="float32",
                                               shape=(count, *outputs[name].shape[1:])) for name in paths}
+    for partial in partials.values():
+        _reserve(partial)
     row = 0
     for images, _ in batches:
         interrupts.check()
@@ -278,6 +308,13 @@ def _write_outputs(extractor: keras.Model, batches: tf.data.Dataset, count: int,
     for name, array in arrays.items():
         array.flush()
         os.replace(partials[name], paths[name])
+
+
+def _reserve(path: Path) -> None:
+    """Allocate a file's blocks now, so a full disk raises ENOSPC here rather than SIGBUS in a memory-mapped write."""
+    if hasattr(os, "posix_fallocate"):  # not on macOS or Windows
+        with open(path, "r+b") as file:
+            os.posix_fallocate(file.fileno(), 0, os.fstat(file.fileno()).st_size)
 
 
 def cached_batches(arrays: list[np.ndarray], labels: np.ndarray, batch_size: int, shuffle_seed: int | None) -> tf.data.Dataset:
@@ -321,7 +358,13 @@ def feeds_for(cfg: DictConfig, model: keras.Model, images: ImageFeeds, splits: d
               "is not the same); training on images.", flush=True)
         mlflow.set_tags({"feature_cache_storage": "off (mixup)", "feature_cache_reused": "no"})
         return images
-    return CachedFeeds(model, cfg, images, splits, num_classes, fingerprint, folder, decoded, budget_bytes)
+    cached = CachedFeeds(model, cfg, images, splits, num_classes, fingerprint, folder, decoded, budget_bytes)
+    if not cached.fits_on_disk():
+        print(f"Feature cache: off, as its files ({cached.bytes_to_write() / 1e9:.2f} GB) would leave less than "
+              f"{DISK_HEADROOM_BYTES / 1e9:g} GB free in {folder}; training on images.", flush=True)
+        mlflow.set_tags({"feature_cache_storage": "off (disk)", "feature_cache_reused": "no"})
+        return images
+    return cached
 
 
 def remove_files(folder: Path) -> None:

@@ -5,6 +5,9 @@ weights (random weights in inference-mode BatchNorm give it vanishing gradients)
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
 from pathlib import Path
 
 import keras
@@ -12,13 +15,14 @@ import mlflow
 import numpy as np
 import pytest
 
-from conftest import SHARED_WEIGHTS
+from conftest import SHARED_WEIGHTS, quick_overrides
 from finetune import feature_cache, interrupts, trainer
+from finetune.cli import main
 from finetune.backbones import BACKBONES
 from finetune.config import compose
 from finetune.dataset import load_images, make_dataset
-from finetune.feature_cache import (BOUNDARY, POOLED, CachedFeeds, cache_key, cached_batches, cut_classifier,
-                                    phase2_cut)
+from finetune.feature_cache import (BOUNDARY, DISK_HEADROOM_BYTES, POOLED, CachedFeeds, cache_key, cached_batches,
+                                    cut_classifier, phase2_cut)
 from finetune.model import build_classifier, layer_blocks, model_backbone, top_blocks
 from finetune.run import PreparedData, prepare_data, seed_everything
 from finetune.trainer import ImageFeeds, RunState, train_two_phases
@@ -246,6 +250,79 @@ def test_the_feature_cache_gets_the_budget_the_decoded_images_leave(tmp_path: Pa
     decoded = len(data.folder.paths) * 32 * 32 * 3 if data_cache in ("auto", "memory") else 0
     assert made.budget_bytes == 0.5e9 - decoded
     assert made.decoded.mode == ("memory" if data_cache == "auto" else data_cache)
+
+
+def free_space(monkeypatch: pytest.MonkeyPatch, free: float) -> None:
+    """The disk of the run folder has `free` bytes free."""
+    usage = shutil.disk_usage(".")
+    monkeypatch.setattr(feature_cache.shutil, "disk_usage", lambda path: usage._replace(free=int(free)))
+
+
+@pytest.mark.parametrize("short", [0, 1, "all but 1000"])
+def test_cache_files_that_would_not_leave_the_headroom_free_are_not_written(
+        tmp_path: Path, tiny_images: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+        short: int | str) -> None:
+    """Exactly enough room: both caches. A byte short: phase 2 on images. Room for neither: images throughout."""
+    cfg = tiny_cfg(tiny_images, "train.feature_cache=true")
+    data = prepare_data(cfg)
+    with mlflow.start_run():
+        needed = feeds(cfg, data, tmp_path / "probe").bytes_to_write()
+        free_space(monkeypatch, DISK_HEADROOM_BYTES + (1000 if short == "all but 1000" else needed - short))
+        capsys.readouterr()
+        made = data.feeds(cfg, build_classifier(cfg, data.num_classes), tmp_path / "run")
+        tags = mlflow.get_run(mlflow.active_run().info.run_id).data.tags
+    out = capsys.readouterr().out
+    if short == 0:
+        assert made.cut.boundary is not None and "trains on images" not in out
+    elif short == 1:
+        assert made.cut.top is None and made.record["feature_cache_boundary"] == "none (disk)"
+        assert made.bytes_to_write() < needed
+    else:
+        assert isinstance(made, ImageFeeds) and tags["feature_cache_storage"] == "off (disk)"
+        assert "Feature cache: off, as its files" in out and "less than 1 GB free" in out
+
+
+def test_without_room_for_phase_2s_activations_phase_2_trains_on_images_and_says_why(
+        tmp_path: Path, tiny_images: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    cfg = tiny_cfg(tiny_images, "train.feature_cache=true")
+    data = prepare_data(cfg)
+    with mlflow.start_run():
+        needed = feeds(cfg, data, tmp_path / "probe").bytes_to_write()
+    free_space(monkeypatch, DISK_HEADROOM_BYTES + needed - 1)
+    _, made = train(cfg, tmp_path / "run", data)
+    out = capsys.readouterr().out
+    assert "phase 2's activations" in out and "phase 2 trains on images" in out
+    assert {p.name for p in made.folder.iterdir()} == {"val_pooled.npy", "train_view0_pooled.npy",
+                                                       "train_view1_pooled.npy"}
+    assert [e["phase"] for e in RunState(tmp_path / "run" / "state.json").history()] == [1, 1, 2, 2]
+
+
+def test_a_full_disk_stops_the_run_with_the_resume_command_and_the_resume_finishes(
+        tmp_path: Path, tiny_images: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """The disk fills up between the check and the write of the second view: no traceback, and nothing lost."""
+    run_dir = tmp_path / "run"
+    argv = quick_overrides(tiny_images, run_dir, "train.feature_cache=true", "train.feature_views=2")
+    reserve = feature_cache._reserve
+
+    def full_at_view_1(path: Path) -> None:
+        if path.name.startswith("train_view1"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        reserve(path)
+
+    monkeypatch.setattr(feature_cache, "_reserve", full_at_view_1)
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 1 and "Traceback" not in err
+    assert "the disk is full" in err and f"hydra.run.dir={run_dir}" in err.splitlines()[-1]
+
+    monkeypatch.setattr(feature_cache, "_reserve", reserve)
+    feature_cache._IN_PROCESS.clear()  # a new process
+    main(argv)
+    assert "reused: 1 of 2 views" in capsys.readouterr().out  # the view written before the disk filled up
+    assert (run_dir / "metrics.json").is_file()
+    runs = mlflow.search_runs(search_all_experiments=True)
+    assert list(runs["status"]) == ["FINISHED"]  # the same MLflow run, re-opened and finished
 
 
 def test_mixup_trains_on_images_and_says_why(tmp_path: Path, tiny_images: Path, capsys: pytest.CaptureFixture) -> None:
