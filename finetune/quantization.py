@@ -336,10 +336,14 @@ def quantize_except(calibrated_model: bytes, float_nodes: list[str]) -> bytes:
 
 def convert_int16x8(saved_model: Path, calibration: np.ndarray) -> bytes:
     """Recipe 4: 16-bit activations, 8-bit weights, float32 in and out; an op without a 16x8 kernel stays float."""
-    return _calibrated_converter(saved_model, calibration, [
+    converter = _calibrated_converter(saved_model, calibration, [
         tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8,
         tf.lite.OpsSet.TFLITE_BUILTINS,  # hard-swish, for one, has no 16x8 kernel
-    ]).convert()
+    ])
+    # 16x8 is always quantized by the older quantizer; with the newer one on, the converter first calibrates for
+    # it, throws that away and calibrates again (TFLiteConverter._quantize). Off: one pass, the same bytes.
+    converter.experimental_new_quantizer = False
+    return converter.convert()
 
 
 def check_raw_pixel_input(model: bytes) -> None:

@@ -306,6 +306,24 @@ def test_16x8_is_the_fourth_recipe_and_takes_float_pixels(outlier: tuple[Path, I
     assert choice.input == quantization.INPUTS["float32"]
 
 
+def test_16x8_calibrates_once_and_gives_the_converters_file(outlier: tuple[Path, Int8Data],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    saved_model, data = outlier
+    calibration = data.training_images(40)
+    passes = []
+    samples = quantization.full_range_calibration
+    monkeypatch.setattr(quantization, "full_range_calibration",
+                        lambda images: (lambda: passes.append(1) or samples(images)()))
+    model = quantization.convert_int16x8(saved_model, calibration)
+    assert len(passes) == 1
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model), signature_keys=["serving_float"])
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = samples(calibration)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8,
+                                           tf.lite.OpsSet.TFLITE_BUILTINS]
+    assert model == converter.convert()  # the converter's defaults: two passes, the same file
+
+
 @pytest.mark.parametrize("recipe", ["int8", "int8_float_ops", "int16x8"])
 def test_each_recipe_file_runs_in_litert_as_predict_feeds_it(recipe: str, outlier: tuple[Path, Int8Data],
                                                              tmp_path: Path) -> None:
