@@ -46,6 +46,7 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
+from tensorflow.lite.python import convert as tflite_convert  # private: the MLIR quantizer the converter itself calls
 
 from finetune.artifacts import ExportError, Images, TFLitePredictor, keras_probabilities, predict_batches
 from finetune.cost import measure_tflite_latency
@@ -284,11 +285,9 @@ def calibrate(saved_model: Path, calibration: np.ndarray) -> bytes:
 def float_op_candidates(calibrated: Callable[[], bytes], debug_images: np.ndarray, calibration_images: int,
                         counts: Iterable[int]) -> Iterator[Candidate]:
     """Recipe 3: int8 files with the `count` ops of largest quantization error kept float, for each count."""
-    from tensorflow.lite.python import convert  # the MLIR quantizer the converter itself calls
-
     started = time.perf_counter()
     # instrumented as QuantizationDebugger instruments it: each quantized op beside its float twin
-    debug_model = convert.mlir_quantize(calibrated(), enable_numeric_verify=True)
+    debug_model = tflite_convert.mlir_quantize(calibrated(), enable_numeric_verify=True)
     with warnings.catch_warnings():  # the debugger runs TensorFlow's own (deprecated) tf.lite.Interpreter
         warnings.simplefilter("ignore", UserWarning)
         ranked = rank_ops(debug_model, debug_images)
@@ -326,9 +325,7 @@ def noise_to_signal(float_values: np.ndarray, quantized: np.ndarray, scale: floa
 
 def quantize_except(calibrated_model: bytes, float_nodes: list[str]) -> bytes:
     """Quantize a calibrated model as the converter does (uint8 in and out), keeping the named ops in float."""
-    from tensorflow.lite.python import convert  # the MLIR quantizer the converter itself calls
-
-    model = convert.mlir_quantize(calibrated_model, input_data_type=tf.uint8, output_data_type=tf.uint8,
+    model = tflite_convert.mlir_quantize(calibrated_model, input_data_type=tf.uint8, output_data_type=tf.uint8,
                                   denylisted_nodes=float_nodes)
     check_raw_pixel_input(model)
     return model

@@ -297,6 +297,7 @@ def test_without_room_for_phase_2s_activations_phase_2_trains_on_images_and_says
     assert [e["phase"] for e in RunState(tmp_path / "run" / "state.json").history()] == [1, 1, 2, 2]
 
 
+@pytest.mark.slow  # two CLI runs in process
 def test_a_full_disk_stops_the_run_with_the_resume_command_and_the_resume_finishes(
         tmp_path: Path, tiny_images: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     """The disk fills up between the check and the write of the second view: no traceback, and nothing lost."""
