@@ -35,10 +35,12 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "experiments" / "resplit"
 SHARED_FLOWERS = ROOT.parent / "shared" / "data" / "flower_photos"
 WEIGHTS = ROOT.parent / "shared" / "weights"
-BACKBONES = {  # the two with shared weights, as benchmarks/flowers.sh runs them
+BACKBONES = {  # with the shared weights; the first two as benchmarks/flowers.sh runs them
     "v3_small": ["backbone=mobilenet_v3_small",
                  f"backbone.weights={WEIGHTS / 'mobilenet_v3_small_1.0_224_no_top__dequant_slim_uint8_tflite.h5'}"],
     "v2_035": ["backbone=mobilenet_v2", "backbone.alpha=0.35", f"weights_dir={WEIGHTS}"],
+    "v2_100": ["backbone=mobilenet_v2",
+               f"backbone.weights={WEIGHTS / 'mobilenet_v2_1.0_224_no_top__dequant_coral_tf2_ptq_int8.h5'}"],
 }
 # metrics.json key -> column; a re-split's "test" images are train + val images of split 0, so: held-out
 COLUMNS = {"phase1_best_val_accuracy": "p1_val", "phase2_best_val_accuracy": "p2_val",

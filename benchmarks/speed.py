@@ -7,7 +7,7 @@ and then `=true`. Per run: both phases' wall time (phase 1 includes filling the 
 ratio and the paired accuracy difference. Runs go one at a time (the ratio needs a quiet machine).
 
 Usage:
-    python benchmarks/speed.py [--seeds 1 2 3 4 5] [--backbones v3_small v2_035] [--tag NAME] -- OVERRIDES...
+    python benchmarks/speed.py [--seeds 1 2 3 4 5] [--backbones v3_small v2_035 v2_100] [--tag NAME] -- OVERRIDES...
 Runs: experiments/resplit/speed_<backbone>_<tag>_{images,cached}/seed_<s>/; a finished run is reused.
 """
 
@@ -59,7 +59,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=SHARED_FLOWERS, help="class-per-folder images")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
-    parser.add_argument("--backbones", nargs="+", choices=list(BACKBONES), default=list(BACKBONES))
+    parser.add_argument("--backbones", nargs="+", choices=list(BACKBONES), default=["v3_small", "v2_035"])
     parser.add_argument("--tag", default="default", help="names these settings' runs (change it with the overrides)")
     argv = sys.argv[1:]
     split_at = argv.index("--") if "--" in argv else len(argv)
