@@ -326,7 +326,7 @@ def noise_to_signal(float_values: np.ndarray, quantized: np.ndarray, scale: floa
 def quantize_except(calibrated_model: bytes, float_nodes: list[str]) -> bytes:
     """Quantize a calibrated model as the converter does (uint8 in and out), keeping the named ops in float."""
     model = tflite_convert.mlir_quantize(calibrated_model, input_data_type=tf.uint8, output_data_type=tf.uint8,
-                                  denylisted_nodes=float_nodes)
+                                         denylisted_nodes=float_nodes)
     check_raw_pixel_input(model)
     return model
 
