@@ -20,6 +20,7 @@ pooled features do not fit; the run says so.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -46,6 +47,7 @@ from finetune.trainer import Feed, Feeds, ImageFeeds
 
 CACHE_DIR = "feature_cache"  # in the run folder (a search's: shared by its trials)
 DISK_HEADROOM_BYTES = 1e9  # left free beside the cache files, for the checkpoints, the export and MLflow
+CANNOT_RESERVE = {errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS}  # posix_fallocate(3): the filesystem cannot allocate
 POOLED, BOUNDARY = "pooled", "boundary"  # the cached tensors: the head's input, the phase-2 top's input
 GEOMETRIC = ("flip", "rotation", "zoom")  # the augmentations a view can hold (MixUp trains uncached)
 
@@ -311,10 +313,19 @@ def _write_outputs(extractor: keras.Model, batches: tf.data.Dataset, count: int,
 
 
 def _reserve(path: Path) -> None:
-    """Allocate a file's blocks now, so a full disk raises ENOSPC here rather than SIGBUS in a memory-mapped write."""
-    if hasattr(os, "posix_fallocate"):  # not on macOS or Windows
-        with open(path, "r+b") as file:
+    """Allocate a file's blocks now, so a full disk raises ENOSPC here rather than SIGBUS in a memory-mapped write.
+
+    Where blocks cannot be allocated ahead (a C library without glibc's fallback, such as musl, on a filesystem
+    without fallocate: NFS, older ZFS), the file is written unreserved, as on macOS and Windows.
+    """
+    if not hasattr(os, "posix_fallocate"):  # not on macOS or Windows
+        return
+    with open(path, "r+b") as file:
+        try:
             os.posix_fallocate(file.fileno(), 0, os.fstat(file.fileno()).st_size)
+        except OSError as error:
+            if error.errno not in CANNOT_RESERVE:
+                raise
 
 
 def cached_batches(arrays: list[np.ndarray], labels: np.ndarray, batch_size: int, shuffle_seed: int | None) -> tf.data.Dataset:

@@ -14,6 +14,7 @@ import keras
 import mlflow
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from conftest import SHARED_WEIGHTS, quick_overrides
 from finetune import feature_cache, interrupts, trainer
@@ -295,6 +296,29 @@ def test_without_room_for_phase_2s_activations_phase_2_trains_on_images_and_says
     assert {p.name for p in made.folder.iterdir()} == {"val_pooled.npy", "train_view0_pooled.npy",
                                                        "train_view1_pooled.npy"}
     assert [e["phase"] for e in RunState(tmp_path / "run" / "state.json").history()] == [1, 1, 2, 2]
+
+
+@pytest.mark.parametrize("refusal", [errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSPC], ids=errno.errorcode.get)
+def test_a_filesystem_that_cannot_allocate_ahead_gets_its_cache_and_a_full_one_stops_the_write(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refusal: int) -> None:
+    """posix_fallocate refuses: on a filesystem without it (musl's answers) the cache is written unreserved;
+    ENOSPC stops the write before any memory-mapped write can meet the full disk (SIGBUS), and nothing is renamed in."""
+    def refuse(fd: int, offset: int, length: int) -> None:
+        raise OSError(refusal, os.strerror(refusal))
+
+    monkeypatch.setattr(feature_cache.os, "posix_fallocate", refuse, raising=False)
+    inputs = keras.Input((3,))
+    extractor = keras.Model(inputs, [keras.layers.Dense(2)(inputs)])
+    images = np.arange(15, dtype="float32").reshape(5, 3)
+    batches = tf.data.Dataset.from_tensor_slices((images, np.zeros(5))).batch(2)
+    path = tmp_path / "train_view0_pooled.npy"
+    if refusal == errno.ENOSPC:
+        with pytest.raises(OSError) as raised:
+            feature_cache._write_outputs(extractor, batches, 5, {POOLED: path})
+        assert raised.value.errno == errno.ENOSPC and not path.exists()
+    else:
+        feature_cache._write_outputs(extractor, batches, 5, {POOLED: path})
+        np.testing.assert_allclose(np.load(path), extractor.predict_on_batch(images), rtol=1e-6)
 
 
 @pytest.mark.slow  # two CLI runs in process
