@@ -316,7 +316,7 @@ def _reserve(path: Path) -> None:
     """Allocate a file's blocks now, so a full disk raises ENOSPC here rather than SIGBUS in a memory-mapped write.
 
     Where blocks cannot be allocated ahead (a C library without glibc's fallback, such as musl, on a filesystem
-    without fallocate: NFS, older ZFS), the file is written unreserved, as on macOS and Windows.
+    without fallocate: NFS before 4.2, older ZFS), the file is written unreserved, as on macOS and Windows.
     """
     if not hasattr(os, "posix_fallocate"):  # not on macOS or Windows
         return
