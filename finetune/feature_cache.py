@@ -258,7 +258,7 @@ class CachedFeeds:
             paths = self._paths(view)
             if not all(p.exists() for p in paths.values()):
                 count = len(self.splits["val" if view is None else "train"].labels)
-                _write_outputs(self.cut.extractor, batches, count, paths)
+                _write_outputs(self.cut.extractor, untuned(batches), count, paths)
 
     def _load(self) -> CachedTensors:
         """The files, in memory when they fit in the memory budget beside the process's other caches."""
@@ -348,7 +348,16 @@ def cached_batches(arrays: list[np.ndarray], labels: np.ndarray, batch_size: int
     ds = tf.data.Dataset.range(count)
     if shuffle_seed is not None:
         ds = ds.shuffle(count, seed=shuffle_seed, reshuffle_each_iteration=True)
-    return ds.batch(batch_size).map(fetch).prefetch(tf.data.AUTOTUNE)
+    return untuned(ds.batch(batch_size).map(fetch).prefetch(tf.data.AUTOTUNE))
+
+
+def untuned(ds: tf.data.Dataset) -> tf.data.Dataset:
+    """ds without tf.data's autotuning: deleting an autotuned iterator waits for its tuning thread, which took
+    1.5-2.3 s after two of three cache passes and after cached epochs on 2 cores (benchmarks/RESULTS.md);
+    AUTOTUNE parallelism then stays at tf.data's default, a call per core (at most 16)."""
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return ds.with_options(options)
 
 
 def feeds_for(cfg: DictConfig, model: keras.Model, images: ImageFeeds, splits: dict[str, Split], num_classes: int,

@@ -229,6 +229,24 @@ def test_a_cache_is_reused_in_process_and_from_its_files(tmp_path: Path, tiny_im
     assert tags["feature_cache_reused"] == "from files" and tags["feature_cache_storage"] == "memory"
 
 
+def test_the_fill_and_the_cached_epochs_run_without_tf_datas_autotuning(tmp_path: Path, tiny_images: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deleting an autotuned iterator waits for its tuning thread: seconds after each pass on 2 cores."""
+    autotuned, write = [], feature_cache._write_outputs
+
+    def watched(extractor: keras.Model, batches: tf.data.Dataset, *rest: object) -> None:
+        autotuned.append(batches.options().autotune.enabled)
+        write(extractor, batches, *rest)
+
+    monkeypatch.setattr(feature_cache, "_write_outputs", watched)
+    cfg = tiny_cfg(tiny_images, "train.feature_cache=true")
+    with mlflow.start_run():
+        made = feeds(cfg, prepare_data(cfg), tmp_path)
+        phases = [made.phase1(), made.phase2()]
+    assert autotuned == [False] * 3  # the validation images and the two views
+    assert [ds.options().autotune.enabled for phase in phases for ds in (phase.train, phase.val)] == [False] * 4
+
+
 def test_over_the_memory_budget_the_cache_is_read_from_disk_and_the_run_says_so(
         tmp_path: Path, tiny_images: Path, capsys: pytest.CaptureFixture) -> None:
     cfg = tiny_cfg(tiny_images, "train.feature_cache=true", "memory_budget_gb=1e-6", "data.cache=memory")  # 1 kB
