@@ -352,8 +352,8 @@ def cached_batches(arrays: list[np.ndarray], labels: np.ndarray, batch_size: int
 
 
 def untuned(ds: tf.data.Dataset) -> tf.data.Dataset:
-    """ds without tf.data's autotuning: deleting an autotuned iterator waits for its tuning thread, which took
-    1.5-2.3 s after two of three cache passes and after cached epochs on 2 cores (benchmarks/RESULTS.md);
+    """ds without tf.data's autotuning: deleting an autotuned iterator waits for its tuning thread, 1.5-2.3 s
+    after most fill passes on 2 cores, and the cached epochs were faster without it too (benchmarks/RESULTS.md);
     AUTOTUNE parallelism then stays at tf.data's default, a call per core (at most 16)."""
     options = tf.data.Options()
     options.autotune.enabled = False

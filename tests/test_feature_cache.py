@@ -231,7 +231,7 @@ def test_a_cache_is_reused_in_process_and_from_its_files(tmp_path: Path, tiny_im
 
 def test_the_fill_and_the_cached_epochs_run_without_tf_datas_autotuning(tmp_path: Path, tiny_images: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Deleting an autotuned iterator waits for its tuning thread: seconds after each pass on 2 cores."""
+    """Deleting an autotuned iterator waits for its tuning thread: seconds after most passes on 2 cores."""
     autotuned, write = [], feature_cache._write_outputs
 
     def watched(extractor: keras.Model, batches: tf.data.Dataset, *rest: object) -> None:
